@@ -1,0 +1,519 @@
+"""Analysis: typed records in, typed findings out.
+
+- launch diff: for every TP group, the launch records compared call by call across its ranks;
+- workspace identity: rendezvous over a group other than the TP group, TP groups sharing buffers;
+- stacks: identical stacks clustered across ranks, odd ones pointed out;
+- corruption: which ranks got wrong results, the first wrong call and what the wrong data looks like;
+- hypotheses: each weighed with the evidence for and against it;
+- verdict: one paragraph naming the ranks, the kernel and the call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from repro.launch_math import kernel_name
+from repro.layout import label, tp_groups
+from repro.records import (
+    Aliasing,
+    Analysis,
+    CorruptionFinding,
+    Divergence,
+    GpuState,
+    Hypothesis,
+    HypothesisStatus,
+    LaunchEvent,
+    RankLog,
+    StackCluster,
+    StackSample,
+    Verdict,
+    WatchdogVerdict,
+)
+
+COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
+
+# Where the sim's spin-waits live, and what they model in the kernel.
+SPIN_SITES = {
+    "_oneshot": "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
+    "_barrier_sync": "the two-shot Barrier::sync (waits for its peers' barrier flags)",
+    "_update": "the end-of-kernel CTA arrival counter (waits until counter == its own gridDim)",
+}
+HOST_SITES = {
+    "all_reduce": "a host-side all_reduce (the unfused path) waiting for its TP peers",
+    "barrier": "the end-of-start-up barrier, waiting for the other ranks",
+    "all_gather_object": "the workspace rendezvous (all_gather over the workspace group)",
+    "_poll_until_acquired": "FlashInfer's JIT file lock (another process holds the build lock)",
+    "cudaDeviceSynchronize": "cudaDeviceSynchronize, waiting for its GPU",
+}
+
+
+def _call_text(ev: LaunchEvent | dict[str, Any] | None) -> str:
+    if ev is None:
+        return "?"
+    d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev
+    return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
+
+
+def _call_dict(ev: LaunchEvent) -> dict[str, Any]:
+    return {k: getattr(ev, k) for k in ("phase", "size", "layer", "sub", "call", "token_num", "op", "oneshot")}
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    rs = sorted(ranks)
+    if not rs:
+        return "none"
+    out, start, prev = [], rs[0], rs[0]
+    for r in [*rs[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ",".join(out)
+
+
+def _plural(word: str, ranks: Sequence[int]) -> str:
+    return f"{word}{'s' if len(ranks) != 1 else ''} {_ranks_text(ranks)}"
+
+
+# ---- launch diff ------------------------------------------------------------------------------------
+
+
+def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Divergence]:
+    out = []
+    for group in tp_groups(tp, pp):
+        seqs = {r: logs[r].launches for r in group if r in logs}
+        if len(seqs) < 2:
+            continue
+        n = min(len(v) for v in seqs.values())
+        found = False
+        for i in range(n):
+            evs = {r: seqs[r][i] for r in seqs}
+            for fld in COMPARED:
+                vals = {r: getattr(e, fld) for r, e in evs.items()}
+                norm = {r: (list(v) if isinstance(v, tuple) else v) for r, v in vals.items()}
+                if len({str(v) for v in norm.values()}) > 1:
+                    ev0 = evs[min(evs)]
+                    text = (
+                        f"TP group {_ranks_text(group)}: first disagreement at launch #{i} "
+                        f"({_call_text(ev0)}): {fld} "
+                        + ", ".join(f"rank {r}={norm[r]}" for r in sorted(norm))
+                    )
+                    out.append(Divergence(tp_group=group, index=i, field=fld, values=norm,
+                                          call=_call_dict(ev0), text=text))
+                    found = True
+                    break
+            if found:
+                break
+        if not found:
+            counts = {r: len(v) for r, v in seqs.items()}
+            if len(set(counts.values())) > 1:
+                lo = min(counts, key=lambda r: counts[r])
+                ev = seqs[lo][-1] if seqs[lo] else None
+                text = (
+                    f"TP group {_ranks_text(group)}: launches agree call by call, but the ranks issued "
+                    + ", ".join(f"rank {r}: {c}" for r, c in sorted(counts.items()))
+                    + f" launches; rank {lo} stopped at {_call_text(ev)}"
+                )
+                out.append(Divergence(tp_group=group, index=min(counts.values()), field="calls",
+                                      values={r: c for r, c in counts.items()},
+                                      call=_call_dict(ev) if ev else {}, text=text))
+    return out
+
+
+# ---- workspace identity -----------------------------------------------------------------------------
+
+
+def workspace_aliasing(logs: dict[int, RankLog], tp: int, pp: int) -> list[Aliasing]:
+    users: dict[str, set[int]] = defaultdict(set)
+    rdzv: dict[int, tuple[int, ...]] = {}
+    wrong_group = []
+    for r, lg in logs.items():
+        ws = lg.workspace
+        if ws is None or not ws.peers:
+            continue
+        rdzv[r] = tuple(ws.rendezvous_group)
+        if tuple(ws.rendezvous_group) != tuple(ws.tp_group):
+            wrong_group.append(r)
+        for p in ws.peers:
+            users[p].add(r)
+    groups = {r: next(g for g in tp_groups(tp, pp) if r in g) for r in logs}
+    shared = {p: tuple(sorted(rs)) for p, rs in users.items() if len({groups[r] for r in rs}) > 1}
+    if not wrong_group and not shared:
+        return []
+    ranks = tuple(sorted(set(wrong_group) | {r for rs in shared.values() for r in rs}))
+    parts = []
+    if wrong_group:
+        parts.append(
+            f"{_plural('rank', wrong_group)} rendezvoused their workspace over "
+            f"{_ranks_text(rdzv[wrong_group[0]])} instead of their TP group"
+        )
+    if shared:
+        sample = sorted(shared.items())[:4]
+        parts.append(
+            "buffers used by more than one TP group: "
+            + "; ".join(f"{p} by ranks {_ranks_text(rs)}" for p, rs in sample)
+        )
+    return [Aliasing(ranks=ranks, rendezvous_groups=rdzv, shared_buffers=shared, text="; ".join(parts))]
+
+
+# ---- stacks -----------------------------------------------------------------------------------------
+
+
+def _main_frames(s: StackSample) -> list[str]:
+    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and s.threads:
+        th = s.threads[0]
+    if th is None:
+        return []
+    return [f"{f.function} ({f.file}:{f.line})" if f.file and f.line else f.function for f in th.frames]
+
+
+def _python_functions(s: StackSample) -> list[str]:
+    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and s.threads:
+        th = s.threads[0]
+    return [f.function for f in th.frames] if th else []
+
+
+def cluster_stacks(stacks: list[StackSample]) -> list[StackCluster]:
+    groups: dict[str, list[StackSample]] = defaultdict(list)
+    for s in stacks:
+        py = [f for f in _main_frames(s) if ".py:" in f or "(" not in f][:8]
+        sig = " <- ".join(f.split(" (")[0] for f in py) or "(no frames)"
+        groups[sig].append(s)
+    if not groups:
+        return []
+    biggest = max(len(v) for v in groups.values())
+    out = []
+    for sig, ss in sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(x.rank for x in kv[1]))):
+        out.append(StackCluster(signature=sig, ranks=sorted(x.rank for x in ss), top=_main_frames(ss[0])[:12],
+                                odd=len(groups) > 1 and len(ss) < biggest))
+    return out
+
+
+def where_waiting(stack: StackSample | None) -> str:
+    if stack is None:
+        return ""
+    funcs = _python_functions(stack)
+    for f in funcs:
+        short = f.rsplit(".", 1)[-1]
+        if short in SPIN_SITES:
+            return SPIN_SITES[short]
+    for f in funcs:
+        for key, text in HOST_SITES.items():
+            if key in f:
+                return text
+    return ""
+
+
+# ---- corruption --------------------------------------------------------------------------------------
+
+
+def corruption_findings(logs: dict[int, RankLog]) -> list[CorruptionFinding]:
+    out = []
+    for r, lg in sorted(logs.items()):
+        wrong = [x for x in lg.results if not x.ok]
+        if not wrong:
+            continue
+        by_seq = {x.seq: x for x in lg.launches}
+        first = wrong[0]
+        ev = by_seq.get(first.seq)
+        kinds = Counter(x.kind for x in wrong)
+        kind = first.kind
+        mix = ", ".join(f"{k.replace('_', ' ')} x{n}" for k, n in kinds.most_common())
+        out.append(CorruptionFinding(
+            rank=r, wrong_calls=len(wrong), total_calls=len(lg.results),
+            first=_call_dict(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
+            if ev else {"seq": first.seq},
+            kind=kind,
+            detail=first.detail + (f" (all wrong calls: {mix})" if len(kinds) > 1 else ""),
+        ))
+    return out
+
+
+# ---- hypotheses ------------------------------------------------------------------------------------
+
+
+def _status(score: float, against: int, best: float) -> HypothesisStatus:
+    if score >= 2 and score >= best:
+        return "supported"
+    if score > 0:
+        return "consistent"
+    if against:
+        return "refuted"
+    return "no-evidence"
+
+
+def weigh(
+    logs: dict[int, RankLog],
+    wd: WatchdogVerdict,
+    divs: list[Divergence],
+    alias: list[Aliasing],
+    corr: list[CorruptionFinding],
+    stacks: dict[int, StackSample],
+    fused: bool,
+) -> list[Hypothesis]:
+    hang = wd.is_hang
+    spinning = set(wd.busy_ranks)
+    fused_calls = any(ev.op == "fused" for lg in logs.values() for ev in lg.launches)
+    H: dict[str, dict[str, Any]] = {}
+
+    def h(key: str, title: str) -> dict[str, Any]:
+        return H.setdefault(key, {"title": title, "score": 0.0, "for": [], "against": []})
+
+    tok = [d for d in divs if d.field == "token_num"]
+    osd = [d for d in divs if d.field == "oneshot"]
+    opd = [d for d in divs if d.field == "op"]
+    geo = [d for d in divs if d.field in ("grid", "block", "cluster")]
+
+    # 1. launch divergence (token count / grid)
+    d1 = h("launch-divergence", "TP peers launched different configurations (token count / gridDim)")
+    for d in tok + geo:
+        d1["score"] += 3
+        d1["for"].append(d.text)
+        big = max(d.values, key=lambda r: d.values[r]) if d.field == "token_num" else None
+        if big is not None and hang and big in spinning:
+            d1["score"] += 1
+            d1["for"].append(f"rank {big}, the one with more tokens, is the one spinning, as the one-shot layout predicts")
+    if not tok and not geo and fused_calls:
+        d1["against"].append("every TP group's launches agree call by call on token_num, grid, block and cluster")
+
+    # 2. protocol mismatch (one-shot vs two-shot)
+    d2 = h("protocol-mismatch", "TP peers chose different protocols (one-shot Lamport vs two-shot)")
+    for d in osd:
+        d2["score"] += 3
+        d2["for"].append(d.text)
+    if not osd and fused_calls:
+        d2["against"].append("every TP group agreed on one-shot/two-shot for every call")
+
+    # 3. workspace aliasing
+    d3 = h("workspace-aliasing", "Workspace rendezvoused over the wrong group: TP groups share buffers")
+    for a in alias:
+        d3["score"] += 3
+        d3["for"].append(a.text)
+    foreign = [c for c in corr if c.kind == "foreign_group" or "foreign group x" in c.detail]
+    if foreign:
+        d3["score"] += 2
+        d3["for"].append(
+            f"{_plural('rank', [c.rank for c in foreign])} received another TP group's data "
+            f"(first on rank {foreign[0].rank}: {foreign[0].detail})"
+        )
+    counter_spin = [r for r in spinning if "CTA arrival counter" in where_waiting(stacks.get(r))]
+    if alias and counter_spin:
+        d3["score"] += 1
+        d3["for"].append(
+            f"{_plural('rank', counter_spin)} spin on the end-of-kernel CTA arrival counter, which only the "
+            "CTAs of another process can push past the rank's own gridDim: the flag area is shared"
+        )
+    if not alias and any(lg.workspace is not None and lg.workspace.peers for lg in logs.values()):
+        d3["against"].append("every workspace was rendezvoused over its own TP group, and no buffer is shared across groups")
+
+    # 4. missing peer (workspace creation failed, silent fallback)
+    d4 = h("missing-peer", "A TP peer never launches the fused kernel (its workspace failed; it fell back)")
+    failed = [r for r, lg in logs.items() if lg.workspace is not None and not lg.workspace.ok]
+    for r in failed:
+        lg = logs[r]
+        d4["score"] += 3
+        d4["for"].append(f"rank {r}'s workspace creation failed ({lg.workspace.error if lg.workspace else ''}); it runs the unfused path")
+    for d in opd:
+        d4["score"] += 1
+        d4["for"].append(d.text)
+    if not failed and fused_calls:
+        d4["against"].append("every rank created its workspace and launched the fused op")
+
+    # 5. Lamport flag out of step
+    d5 = h("flag-out-of-step", "Lamport flag out of step (a different number of earlier one-shot calls on one rank)")
+    stale = [c for c in corr if c.kind == "stale" or "stale x" in c.detail]
+    if stale:
+        d5["score"] += 2
+        d5["for"].append(f"{_plural('rank', [c.rank for c in stale])} received data from another call ({stale[0].detail})")
+    clean_layout = not tok and not osd and not geo and not alias and not failed
+    lamport_spin = [r for r in spinning if "Lamport" in where_waiting(stacks.get(r))]
+    if hang and clean_layout and fused_calls and lamport_spin:
+        d5["score"] += 2
+        d5["for"].append(
+            f"{_plural('rank', lamport_spin)} spin in the Lamport poll although launches, protocol and "
+            "workspaces all agree: the flag (buffer index) is the only protocol state the records do not show"
+        )
+    if not stale and not (hang and clean_layout):
+        d5["against"].append("no stale data, and the observed failure is explained by the launch or workspace records")
+
+    # 6. host-side collective mismatch
+    d6 = h("host-collective", "A host-side collective or lock that not every rank reaches")
+    if hang and not spinning:
+        sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
+        d6["score"] += 2
+        d6["for"].append("no rank is busy: every live rank waits on the host")
+        for r, s in sorted(sites.items()):
+            if s:
+                d6["for"].append(f"rank {r}: {s}")
+        if any("file lock" in s for s in sites.values()):
+            d6["score"] += 2
+    elif spinning:
+        d6["against"].append(f"{_plural('rank', sorted(spinning))} {'is' if len(spinning) == 1 else 'are'} busy: a device-side spin-wait, not only a host wait")
+
+    if not fused:
+        for key in ("launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step"):
+            H[key]["against"].insert(0, "the fused all-reduce was not used in this run (fusion off or gated)")
+
+    best = max(v["score"] for v in H.values())
+    out = []
+    for key, v in H.items():
+        out.append(Hypothesis(key=key, title=v["title"], status=_status(v["score"], len(v["against"]), best),
+                              score=v["score"], evidence_for=v["for"], evidence_against=v["against"]))
+    out.sort(key=lambda x: -x.score)
+    return out
+
+
+# ---- the verdict ---------------------------------------------------------------------------------------
+
+
+def _kernel_for(ev: LaunchEvent | None, gpu: dict[int, GpuState], rank: int, tp: int, pattern: str, fp32_acc: bool) -> str:
+    g = gpu.get(rank)
+    if g is not None and g.kernels:
+        k = g.kernels[0]
+        return f"{k.name.split('(')[0]} <<<{k.grid},{k.block}>>>" + (f" cluster {k.cluster}" if k.cluster else "")
+    if ev is None:
+        return ""
+    if ev.op == "unfused":
+        return "the unfused all_reduce (host collective)"
+    name = kernel_name(bool(ev.oneshot), pattern, ev.dtype, tp, fp32_acc).split("<")[0]
+    geo = f" grid {ev.grid[0] if ev.grid else '?'}, block {ev.block[0] if ev.block else '?'}, cluster {ev.cluster[0] if ev.cluster else '?'}"
+    return name + geo
+
+
+def make_verdict(
+    logs: dict[int, RankLog],
+    wd: WatchdogVerdict,
+    hyps: list[Hypothesis],
+    corr: list[CorruptionFinding],
+    stacks: dict[int, StackSample],
+    gpu: dict[int, GpuState],
+    tp: int,
+    pp: int,
+    pattern: str = "residual_rmsnorm",
+    fp32_acc: bool = True,
+) -> Verdict:
+    top = hyps[0] if hyps and hyps[0].score > 0 else None
+    cause = f" Most likely cause: {top.title.lower()} ({top.status})." if top else ""
+    wrong_ranks = [c.rank for c in corr]
+    if wd.cls == "crash":
+        c = wd.crashed[0] if wd.crashed else None
+        who = label(c.rank, tp, pp) if c and c.rank >= 0 else "a worker"
+        how = (c.signal or f"exit code {c.returncode}") if c else "unknown"
+        last = c.stderr_tail[-1] if c and c.stderr_tail else ""
+        return Verdict(cls="crash", headline=f"crash: {who} died ({how})",
+                       paragraph=f"{who} exited ({how}) before the start-up finished. Last stderr line: {last!r}. "
+                                 "The other ranks were stopped by torchrun.", top_hypothesis="")
+    if not wd.is_hang:
+        if corr:
+            first = corr[0]
+            call = first.first
+            return Verdict(
+                cls="corruption",
+                headline=f"corruption: the run finished, but ranks {_ranks_text(wrong_ranks)} got wrong results",
+                paragraph=(
+                    f"No rank hung, but {sum(c.wrong_calls for c in corr)} calls returned wrong data on ranks "
+                    f"{_ranks_text(wrong_ranks)}. The first wrong call was on {label(first.rank, tp, pp)} at "
+                    f"{_call_text(call)}: {first.kind.replace('_', ' ')} ({first.detail}).{cause}"
+                ),
+                call=call, top_hypothesis=top.key if top else "",
+            )
+        slow = " Progress stalled and resumed, so this is reported as slow, not hung." if wd.cls == "slow" else ""
+        return Verdict(cls=wd.cls, headline=f"{wd.cls}: start-up finished and every checked result was right",
+                       paragraph=f"All {len(logs)} ranks finished the replay; every all-reduce result matched the "
+                                 f"locally computed expectation.{slow}")
+    spinning, idle = wd.busy_ranks, wd.idle_ranks
+    pend = {r: logs[r].pending_launch() for r in logs}
+    focus = spinning[0] if spinning else (idle[0] if idle else 0)
+    ev = pend.get(focus)
+    kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
+    site = where_waiting(stacks.get(focus))
+    who_spin = ", ".join(label(r, tp, pp) for r in spinning) or "no rank"
+    idle_desc = []
+    for r in idle:
+        w = where_waiting(stacks.get(r))
+        if logs.get(r) is not None and logs[r].done is not None:
+            w = "finished its start-up; " + (w or "waiting on the host")
+        idle_desc.append(f"{label(r, tp, pp)} is idle" + (f" in {w}" if w else ""))
+    call_txt = _call_text(ev) if ev else "no pending call"
+    if wd.cls == "host-wait":
+        headline = f"host-wait: all {len(idle)} live ranks idle on the host, none progressing"
+    elif wd.cls == "all-spinning":
+        headline = f"all-spinning: ranks {_ranks_text(spinning)} busy, none progressing"
+    elif wd.cls == "timeout":
+        headline = "timeout: the run did not finish within max_run_s"
+    else:
+        headline = f"spin-deadlock: {_ranks_text(spinning)} spinning, {_ranks_text(idle)} idle"
+    same_call = len({_call_text(pend.get(r)) for r in spinning}) <= 1
+    if spinning and not same_call:
+        each = []
+        for r in spinning:
+            w = where_waiting(stacks.get(r))
+            k = _kernel_for(pend.get(r), gpu, r, tp, pattern, fp32_acc)
+            each.append(f"{label(r, tp, pp)} in {k}" + (f" ({w})" if w else "") + f" at {_call_text(pend.get(r))}")
+        lead = "; ".join(each) + (" spin" if len(each) > 1 else " spins")
+    else:
+        lead = (
+            f"{who_spin} {'spins' if len(spinning) == 1 else 'spin'}"
+            + (f" in {kernel}" if kernel else "")
+            + (f", inside {site}" if site and spinning else "")
+            + f", at {call_txt}"
+        )
+    para = (
+        lead
+        + (f", while {'; '.join(idle_desc)}" if idle_desc else "")
+        + f". No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
+    )
+    if corr:
+        para += (f" Before hanging, ranks {_ranks_text(wrong_ranks)} also received wrong data "
+                 f"({corr[0].kind.replace('_', ' ')}, first at {_call_text(corr[0].first)}).")
+    para += cause
+    if top and top.evidence_for:
+        para += f" Key evidence: {top.evidence_for[0]}"
+    return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=spinning, idle=idle, kernel=kernel,
+                   call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "")
+
+
+def analyze(
+    logs: dict[int, RankLog],
+    wd: WatchdogVerdict,
+    stacks: list[StackSample],
+    gpu: list[GpuState],
+    *,
+    tp: int,
+    pp: int,
+    fused: bool,
+    pattern: str = "residual_rmsnorm",
+    fp32_acc: bool = True,
+) -> Analysis:
+    divs = launch_divergences(logs, tp, pp)
+    alias = workspace_aliasing(logs, tp, pp)
+    corr = corruption_findings(logs)
+    by_rank = {s.rank: s for s in stacks}
+    gpu_by_rank = {g.rank: g for g in gpu}
+    hyps = weigh(logs, wd, divs, alias, corr, by_rank, fused)
+    verdict = make_verdict(logs, wd, hyps, corr, by_rank, gpu_by_rank, tp, pp, pattern, fp32_acc)
+    checks = grid_cross_checks(logs, gpu_by_rank)
+    return Analysis(divergences=divs, aliasing=alias, stack_clusters=cluster_stacks(stacks), corruption=corr,
+                    hypotheses=hyps, verdict=verdict, grid_checks=checks)
+
+
+def grid_cross_checks(logs: dict[int, RankLog], gpu: dict[int, GpuState]) -> list[str]:
+    """Compare the grid the launch arithmetic predicted with what the GPU reports for the hung kernel."""
+    out = []
+    for r, g in sorted(gpu.items()):
+        ev = logs[r].pending_launch() if r in logs else None
+        if ev is None or not g.kernels or ev.grid is None:
+            continue
+        k = g.kernels[0]
+        agree = k.grid == tuple(ev.grid) and (k.block is None or k.block == tuple(ev.block or ()))
+        out.append(
+            f"rank {r}: computed grid {tuple(ev.grid)} block {tuple(ev.block or ())} vs {g.source} "
+            f"grid {k.grid} block {k.block}: {'agree' if agree else 'DISAGREE'}"
+        )
+    return out

@@ -1,0 +1,54 @@
+"""What every backend gives the replay: a workspace for the fused op, the fused call and the unfused call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from repro.launch_math import LaunchConfig
+
+
+@dataclass
+class WorkspaceInfo:
+    ok: bool
+    rendezvous_group: tuple[int, ...]
+    tp_group: tuple[int, ...]
+    peers: tuple[str, ...] = ()
+    peer_owner_ranks: tuple[int, ...] = ()
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ident(self) -> str:
+        return ",".join(self.peers)
+
+
+@dataclass
+class CallSpec:
+    """One fused call as the replay asks for it (the real shape; the payload may be narrower)."""
+
+    token_num: int
+    oneshot: bool
+    launch: LaunchConfig
+    eps: float
+    dtype: str
+
+
+class Backend(Protocol):
+    name: str
+
+    def create_workspace(self, rendezvous: str) -> WorkspaceInfo: ...
+
+    def fused(
+        self, x: np.ndarray, residual: np.ndarray, gamma: np.ndarray, spec: CallSpec
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def unfused(
+        self, x: np.ndarray, residual: np.ndarray, gamma: np.ndarray, eps: float
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def offset_flag(self, offset: int) -> None: ...
+
+    def close(self) -> None: ...

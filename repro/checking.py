@@ -1,0 +1,210 @@
+"""Known inputs and result checking for every all-reduce + residual + RMSNorm call.
+
+Each rank's input for a call is a deterministic function of (TP group, tp rank, call id, element index),
+so every rank computes the expected sum, residual and RMSNorm output locally, with no communication.
+
+The TP group is encoded in the integer part of each value: a contribution from group g is (g + 1) plus a
+fraction below 1/(2*tp). Summing the tp contributions of one call, the integer part of the sum is the sum
+of the contributors' (g + 1): if it is not tp * (g + 1), some contribution came from another TP group,
+which is direct evidence of aliased workspaces. The fractional part depends on the tp rank, the call and
+the element, so a missing, stale (earlier call) or shifted (misaligned token offset) contribution shows
+up as a mismatch there.
+
+Tolerances: fp32 results must match to 1e-4 relative + 1e-5 absolute (the sim and fp32 runs);
+bf16/fp16 results to 1.6e-2 relative + 1/32 absolute, about two bf16 ulps at the magnitudes used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations_with_replacement
+
+import numpy as np
+
+FRAC_STEPS = 8  # distinct fractional levels per contribution
+PERIOD = 8  # inputs repeat every PERIOD calls
+
+
+def _frac_unit(tp: int) -> float:
+    return 1.0 / (FRAC_STEPS * 2 * tp)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+@lru_cache(maxsize=4096)
+def _contribution(group: int, tp_rank: int, tp: int, phase: int, tokens: int, width: int) -> np.ndarray:
+    e = np.arange(tokens * width, dtype=np.int64).reshape(tokens, width)
+    k = (e * 5 + phase * 3 + tp_rank * 11 + (e // width) * 7) % FRAC_STEPS
+    return _frozen(((group + 1) + k * _frac_unit(tp)).astype(np.float32))
+
+
+def contribution(group: int, tp_rank: int, tp: int, call: int, tokens: int, width: int) -> np.ndarray:
+    """The input rank (group, tp_rank) feeds into call `call`: shape (tokens, width), float32, read-only.
+
+    Values repeat with period PERIOD in the call id, which keeps the replay cheap (inputs are cached)
+    while consecutive calls still differ, so data from an earlier call is recognised.
+    """
+    return _contribution(group, tp_rank, tp, call % PERIOD, tokens, width)
+
+
+@lru_cache(maxsize=1024)
+def _residual(phase: int, tokens: int, width: int) -> np.ndarray:
+    e = np.arange(tokens * width, dtype=np.int64).reshape(tokens, width)
+    return _frozen((((e + phase) % 4) / 1024.0).astype(np.float32))
+
+
+def residual(group: int, call: int, tokens: int, width: int) -> np.ndarray:
+    return _residual(call % PERIOD, tokens, width)
+
+
+@lru_cache(maxsize=16)
+def gamma(width: int) -> np.ndarray:
+    return _frozen((1.0 + (np.arange(width) % 8) / 16.0).astype(np.float32))
+
+
+def rms_norm(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float32)
+    inv = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
+    return (x64 * inv * g).astype(np.float32)
+
+
+@lru_cache(maxsize=4096)
+def _expected_sum(group: int, tp: int, phase: int, tokens: int, width: int) -> np.ndarray:
+    total = np.zeros((tokens, width), dtype=np.float32)
+    for r in range(tp):
+        total += _contribution(group, r, tp, phase, tokens, width)
+    return _frozen(total)
+
+
+def expected_sum(group: int, tp: int, call: int, tokens: int, width: int) -> np.ndarray:
+    return _expected_sum(group, tp, call % PERIOD, tokens, width)
+
+
+@lru_cache(maxsize=4096)
+def _expected_outputs(group: int, tp: int, phase: int, tokens: int, width: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    res_out = _expected_sum(group, tp, phase, tokens, width) + _residual(phase, tokens, width)
+    return _frozen(res_out), _frozen(rms_norm(res_out, gamma(width), eps))
+
+
+def tolerance(dtype: str) -> tuple[float, float]:
+    return (1e-4, 1e-5) if dtype == "fp32" or dtype == "sim" else (1.6e-2, 1.0 / 32)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    max_err: float = 0.0
+    n_wrong: int = 0
+    first_wrong: int | None = None
+    kind: str = "ok"
+    detail: str = ""
+
+
+def check(
+    residual_out: np.ndarray,
+    norm_out: np.ndarray | None,
+    *,
+    group: int,
+    tp: int,
+    n_groups: int,
+    call: int,
+    eps: float,
+    dtype: str = "fp32",
+) -> CheckResult:
+    """Check one call's outputs on the rank that received them."""
+    tokens, width = residual_out.shape
+    rtol, atol = tolerance(dtype)
+    res = residual(group, call, tokens, width)
+    exp_res_out, exp_norm = _expected_outputs(group, tp, call % PERIOD, tokens, width, eps)
+    obs = residual_out.astype(np.float32, copy=False)
+    err = np.abs(obs - exp_res_out)
+    bad = err > (atol + rtol * np.abs(exp_res_out))
+    if norm_out is not None and not bad.any():
+        nerr = np.abs(norm_out.astype(np.float32) - exp_norm)
+        nbad = nerr > (atol + 2 * rtol * np.abs(exp_norm))
+        if nbad.any():
+            first = int(np.flatnonzero(nbad.reshape(-1))[0])
+            return CheckResult(False, float(nerr.max()), int(nbad.sum()), first, "unknown", "RMSNorm output wrong")
+    if not bad.any():
+        return CheckResult(True, float(err.max()) if err.size else 0.0)
+    flat = bad.reshape(-1)
+    first = int(np.flatnonzero(flat)[0])
+    kind, detail = classify(obs - res, group=group, tp=tp, n_groups=n_groups, call=call, bad=bad, dtype=dtype)
+    return CheckResult(False, float(err.max()), int(flat.sum()), first, kind, detail)
+
+
+def _group_signature(total: np.ndarray) -> np.ndarray:
+    return np.floor(total + 1e-3).astype(np.int64)
+
+
+def _decompositions(sig: int, tp: int, n_groups: int) -> list[tuple[int, ...]]:
+    out = []
+    for combo in combinations_with_replacement(range(n_groups), tp):
+        if sum(g + 1 for g in combo) == sig:
+            out.append(combo)
+    return out
+
+
+def classify(
+    total: np.ndarray, *, group: int, tp: int, n_groups: int, call: int, bad: np.ndarray, dtype: str = "fp32"
+) -> tuple[str, str]:
+    """Explain a wrong all-reduce sum: foreign_group, missing_peer, stale, misaligned or unknown."""
+    tokens, width = total.shape
+    rtol, atol = tolerance(dtype)
+    rows = np.flatnonzero(bad.any(axis=1))
+    sig = _group_signature(total[rows])
+    own = tp * (group + 1)
+    foreign_rows = rows[(sig != own).any(axis=1)]
+    if len(foreign_rows):
+        values = sorted({int(v) for v in np.unique(_group_signature(total[foreign_rows]))})[:4]
+        for v in values:
+            decs = [d for d in _decompositions(v, tp, n_groups) if any(g != group for g in d)]
+            if decs and v != own:
+                groups = sorted({g for g in decs[0] if g != group})
+                return (
+                    "foreign_group",
+                    f"{len(foreign_rows)}/{tokens} tokens hold contributions from TP group(s) {groups} "
+                    f"(group signature {v}, expected {own})",
+                )
+        fewer = [v for v in values if v < own]
+        if fewer and all((own - v) % (group + 1) == 0 for v in fewer):
+            missing = (own - fewer[0]) // (group + 1)
+            return "missing_peer", f"{len(foreign_rows)}/{tokens} tokens miss {missing} peer contribution(s)"
+        return "unknown", f"{len(foreign_rows)}/{tokens} tokens have an impossible group signature {values}"
+
+    def close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(np.all(np.abs(a - b) <= atol + rtol * np.abs(b), axis=1))
+
+    r = rows[: min(len(rows), 64)]
+    t_all = total[r]
+    members = [contribution(group, k, tp, call, tokens, width) for k in range(tp)]
+    full = sum(members)
+    assert isinstance(full, np.ndarray)
+    for d in (1, 2, 3, -1):
+        if call - d < 0:
+            continue
+        old = expected_sum(group, tp, call - d, tokens, width)[r]
+        if close(t_all, old).mean() > 0.5:
+            return "stale", f"results equal call {call - d}'s sum: data from {'an earlier' if d > 0 else 'a later'} call"
+        for k in range(tp):
+            mix = full[r] - members[k][r] + contribution(group, k, tp, call - d, tokens, width)[r]
+            if close(t_all, mix).mean() > 0.5:
+                return "stale", f"tp rank {k}'s contribution is from call {call - d}, not {call}"
+    for k in range(tp):
+        rest = full[r] - members[k][r]
+        if close(t_all, rest).mean() > 0.5:
+            return "missing_peer", f"tp rank {k}'s contribution is missing"
+        for j in range(tp):
+            for shift in (-2, -1, 1, 2):
+                src = np.clip(r + shift, 0, tokens - 1)
+                mix = rest + members[j][src]
+                if close(t_all, mix).mean() > 0.5:
+                    return (
+                        "misaligned",
+                        f"tp rank {k}'s slot holds tp rank {j}'s token at offset {shift:+d}: the ranks disagree on the buffer layout (token count)",
+                    )
+    return "misaligned", f"{len(rows)}/{tokens} tokens wrong with the right TP group: peers disagree on the data layout"

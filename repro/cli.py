@@ -1,0 +1,151 @@
+"""The command line. Commands only parse their arguments and delegate; errors become one line + exit code."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from repro.errors import ExitCode, ScenarioError, VdiagError
+
+HELP = """Reproduce and diagnose distributed deadlocks in LLM-serving start-up (vLLM + FlashInfer).
+
+  vdiag run scenarios/llama70b-pp2-tp2-fusion.yaml     # replay vLLM's start-up, report the hang
+  vdiag report reports/<run>/                          # render a run's report again
+
+Exit codes: 0 clean, 1 hang or wrong results reproduced, 2 usage or scenario error,
+3 environment error, 4 a worker crashed, 125 bisect step skipped.
+"""
+
+app = typer.Typer(help=HELP, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  rich_markup_mode=None)
+scenario_app = typer.Typer(help="Check, show and describe scenario files.", no_args_is_help=True)
+app.add_typer(scenario_app, name="scenario")
+err_console = Console(stderr=True)
+
+
+@app.command()
+def run(
+    scenario: Path = typer.Argument(..., help="scenario YAML file"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: --set model.num_layers=4"),
+    reports: Path = typer.Option(Path("reports"), help="where run folders are created"),
+    live: bool = typer.Option(True, help="show the live rank view on a terminal"),
+    quiet: bool = typer.Option(False, help="no terminal summary"),
+    gpu_state: str = typer.Option("auto", help="GPU state collector: auto, attach, coredump or none"),
+    check_expect: bool = typer.Option(False, help="exit 0 when the outcome matches the scenario's `expect`, else 1"),
+    nnodes: int = typer.Option(1, help="number of nodes (multi-node runs)"),
+    node_rank: int = typer.Option(0, help="this node's rank"),
+    rdzv_endpoint: str = typer.Option("", help="HOST:PORT of the c10d rendezvous (multi-node)"),
+) -> None:
+    """Replay a scenario's start-up under torchrun, watch it, and report."""
+    from repro.launch import NodeSpec
+    from repro.run import RunOptions, run_scenario
+
+    if gpu_state not in ("auto", "attach", "coredump", "none"):
+        raise ScenarioError(f"--gpu-state {gpu_state!r}: allowed values are auto, attach, coredump, none")
+    opts = RunOptions(overrides=list(set_), reports_dir=reports, live=live, quiet=quiet, gpu_state=gpu_state,
+                      node=NodeSpec(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint or None))
+    outcome = run_scenario(scenario, opts, err_console)
+    print(outcome.run_dir.report_md)
+    if check_expect:
+        met = outcome.expectation_met
+        if met is None:
+            raise ScenarioError(f"{scenario}: --check-expect needs `expect:` in the scenario")
+        raise typer.Exit(0 if met else 1)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(None, help="a run folder under reports/"),
+    schema: bool = typer.Option(False, "--schema", help="print the JSON Schema of report.json and exit"),
+) -> None:
+    """Render a run's report.md, report.json and activity picture again from its records."""
+    import json
+
+    from repro.report import json_report
+    from repro.run import write_report
+    from repro.rundir import RunDir
+
+    if schema:
+        print(json.dumps(json_report.schema(), indent=2))
+        return
+    if run_dir is None:
+        raise ScenarioError("vdiag report: give a run folder (reports/<run>/) or --schema")
+    rd = RunDir(run_dir)
+    if not rd.report_json.exists():
+        raise ScenarioError(f"{run_dir}: no report.json here; give a folder that `vdiag run` created")
+    rep = json_report.load_report(rd.report_json)
+    rep = write_report(rd, rep)
+    from repro.report.terminal import render_terminal
+
+    render_terminal(rep, err_console)
+    print(rd.report_md)
+
+
+@scenario_app.command("validate")
+def scenario_validate(files: list[Path] = typer.Argument(..., help="scenario files")) -> None:
+    """Check scenario files; print every problem as file:line:column: field: message."""
+    from repro.scenario import all_errors
+
+    bad = 0
+    for f in files:
+        errs = all_errors(f)
+        if errs:
+            bad += 1
+            for e in errs:
+                err_console.print(e, markup=False, highlight=False)
+        else:
+            print(f"{f}: ok")
+    if bad:
+        raise typer.Exit(int(ExitCode.USAGE))
+
+
+@scenario_app.command("show")
+def scenario_show(file: Path, set_: list[str] = typer.Option([], "--set")) -> None:
+    """Print the scenario with every default filled in and the derived values (gate, order, widths)."""
+    from repro.scenario import dump_resolved, load_scenario
+
+    print(dump_resolved(load_scenario(file, set_)), end="")
+
+
+@scenario_app.command("schema")
+def scenario_schema() -> None:
+    """Print the scenario JSON Schema (for editors)."""
+    from repro.scenario import json_schema
+
+    print(json_schema())
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except VdiagError as e:
+        err_console.print(f"vdiag: error: {e.message}", markup=False, highlight=False)
+        sys.exit(int(e.exit_code))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("vdiag: interrupted; processes and shared memory cleaned up", markup=False)
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(int(ExitCode.USAGE))
+        with tempfile.NamedTemporaryFile("w", prefix="vdiag-crash-", suffix=".txt", delete=False) as f:
+            traceback.print_exc(file=f)
+        err_console.print(f"vdiag: internal error: {type(e).__name__}: {e} (traceback in {f.name})", markup=False)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evidence collectors: host stacks, GPU kernel state, the environment."""

@@ -1,0 +1,106 @@
+"""Per-rank launch logs: JSONL written by the workers before each launch, read by the watchdog and the
+collectors. One home for the format: the writer, the incremental tail, and the typed parse."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from repro.records import (
+    DoneEvent,
+    HelloEvent,
+    LaunchEvent,
+    PhaseEvent,
+    RankLog,
+    ResultEvent,
+    WorkspaceEvent,
+)
+
+
+class LaunchLogWriter:
+    """Append-only JSONL, one line per event, flushed before the call it announces."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.rank = rank
+        self.f: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115
+
+    def emit(self, ev: str, **fields: Any) -> None:
+        fields["ev"] = ev
+        fields["rank"] = self.rank
+        fields["t"] = time.time()
+        self.f.write(json.dumps(fields, separators=(",", ":")) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class LogTail:
+    """Reads the complete lines appended to a log since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def new_events(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        self.offset += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+def parse_events(rank: int, events: list[dict[str, Any]]) -> RankLog:
+    hello = workspace = done = None
+    phases: list[PhaseEvent] = []
+    launches: list[LaunchEvent] = []
+    results: list[ResultEvent] = []
+    errors: list[str] = []
+    for e in events:
+        kind = e.get("ev")
+        try:
+            if kind == "launch":
+                launches.append(LaunchEvent.model_validate(e))
+            elif kind == "result":
+                results.append(ResultEvent.model_validate(e))
+            elif kind == "phase":
+                phases.append(PhaseEvent.model_validate(e))
+            elif kind == "hello":
+                hello = HelloEvent.model_validate(e)
+            elif kind == "workspace":
+                workspace = WorkspaceEvent.model_validate(e)
+            elif kind == "done":
+                done = DoneEvent.model_validate(e)
+            elif kind == "error":
+                errors.append(f"{e.get('where', '?')}: {e.get('error', '')}")
+        except ValidationError as ve:
+            errors.append(f"unreadable {kind} record: {ve.errors()[0].get('msg')}")
+    return RankLog(
+        rank=rank, hello=hello, workspace=workspace, phases=phases, launches=launches, results=results,
+        done=done, errors=errors,
+    )
+
+
+def read_rank_log(path: Path, rank: int) -> RankLog:
+    return parse_events(rank, LogTail(path).new_events())

@@ -1,0 +1,343 @@
+"""Typed records that flow between the stages: collected data in, findings out.
+
+Collectors and the watchdog produce these; the analysis reads them and returns findings; renderers only
+read. They are pydantic models so that `report.json` round-trips (``vdiag report RUN_DIR``) and its schema
+can be published (``vdiag report --schema``). Bump REPORT_SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+REPORT_SCHEMA_VERSION = "1.0"
+
+
+class _Rec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+# ---- what the workers write (launch logs) ----------------------------------------------------------
+
+
+class LaunchEvent(_Rec):
+    """One fused (or unfused) all-reduce + RMSNorm call, written and flushed before the launch."""
+
+    rank: int
+    seq: int
+    t: float
+    call: int
+    phase: str
+    size: int
+    layer: int
+    sub: int
+    op: Literal["fused", "unfused"]
+    token_num: int
+    hidden: int
+    dtype: str
+    oneshot: bool | None = None
+    grid: tuple[int, int, int] | None = None
+    block: tuple[int, int, int] | None = None
+    cluster: tuple[int, int, int] | None = None
+    kernel: str | None = None
+    ws: str | None = None
+    args: dict[str, Any] = {}
+
+
+class ResultEvent(_Rec):
+    """The checked outcome of one call (issue: silent corruption)."""
+
+    rank: int
+    seq: int
+    t: float
+    ok: bool
+    max_err: float = 0.0
+    n_wrong: int = 0
+    first_wrong: int | None = None
+    kind: str = "ok"  # ok | foreign_group | missing_peer | stale | misaligned | unknown
+    detail: str = ""
+
+
+class WorkspaceEvent(_Rec):
+    rank: int
+    t: float
+    ok: bool
+    backend: str
+    rendezvous_group: tuple[int, ...]
+    tp_group: tuple[int, ...]
+    peers: tuple[str, ...] = ()
+    peer_owner_ranks: tuple[int, ...] = ()
+    fallback: bool = False
+    error: str = ""
+
+
+class PhaseEvent(_Rec):
+    rank: int
+    t: float
+    phase: str
+    index: int = 0
+    total: int = 0
+    size: int | None = None
+
+
+class HelloEvent(_Rec):
+    rank: int
+    t: float
+    pid: int
+    host: str
+    pp_stage: int
+    tp_rank: int
+    device: str = "cpu"
+    device_index: int | None = None
+    backend: str = "sim"
+
+
+class DoneEvent(_Rec):
+    rank: int
+    t: float
+    calls: int
+    wrong_calls: int
+
+
+class RankLog(_Rec):
+    """Everything one rank's launch log says, parsed."""
+
+    rank: int
+    hello: HelloEvent | None = None
+    workspace: WorkspaceEvent | None = None
+    phases: list[PhaseEvent] = []
+    launches: list[LaunchEvent] = []
+    results: list[ResultEvent] = []
+    done: DoneEvent | None = None
+    errors: list[str] = []
+
+    @property
+    def completed(self) -> int:
+        return len(self.results)
+
+    def pending_launch(self) -> LaunchEvent | None:
+        """The launch written before the call that never returned, if any."""
+        if self.launches and (not self.results or self.results[-1].seq != self.launches[-1].seq):
+            return self.launches[-1]
+        return None
+
+
+# ---- what the watchdog sees -------------------------------------------------------------------------
+
+
+class ActivitySample(_Rec):
+    t: float
+    rank: int
+    cpu_pct: float
+    progress: int
+    gpu_util: float | None = None
+    gpu_power_w: float | None = None
+    sm_clock_mhz: float | None = None
+
+
+class RankExit(_Rec):
+    rank: int
+    returncode: int | None
+    signal: str | None = None
+    stderr_tail: list[str] = []
+
+
+HangClass = Literal["spin-deadlock", "all-spinning", "host-wait", "crash", "slow", "clean", "timeout"]
+
+
+class WatchdogVerdict(_Rec):
+    cls: HangClass
+    stall_s: float
+    started_t: float
+    last_progress_t: float | None
+    verdict_t: float
+    busy_ranks: list[int] = []
+    idle_ranks: list[int] = []
+    finished_ranks: list[int] = []
+    cpu_pct: dict[int, float] = {}
+    gpu_util: dict[int, float] = {}
+    crashed: list[RankExit] = []
+    slow_resumed: int = 0
+    note: str = ""
+
+    @property
+    def is_hang(self) -> bool:
+        return self.cls in ("spin-deadlock", "all-spinning", "host-wait", "timeout")
+
+
+# ---- what the collectors bring back -------------------------------------------------------------------
+
+
+class Frame(_Rec):
+    function: str
+    file: str = ""
+    line: int | None = None
+    native: bool = False
+
+
+class ThreadStack(_Rec):
+    thread: str
+    name: str = ""
+    active: bool = False
+    frames: list[Frame] = []
+
+
+class StackSample(_Rec):
+    rank: int
+    pid: int
+    source: str  # "py-spy --native" | "py-spy" | "faulthandler"
+    threads: list[ThreadStack] = []
+    warning: str = ""
+
+
+class GpuKernel(_Rec):
+    name: str
+    device: int | None = None
+    grid: tuple[int, int, int] | None = None
+    block: tuple[int, int, int] | None = None
+    cluster: tuple[int, int, int] | None = None
+    running_blocks: int | None = None
+    block_ranges: list[str] = []
+
+
+class GpuState(_Rec):
+    rank: int
+    pid: int
+    source: str  # "cuda-gdb attach" | "cuda core dump"
+    kernels: list[GpuKernel] = []
+    raw_path: str = ""
+    seconds: float = 0.0
+
+
+class CollectorRun(_Rec):
+    name: str
+    rank: int | None = None
+    ok: bool
+    seconds: float
+    error: str = ""
+    advice: str = ""
+    artifact: str = ""
+
+
+class EnvInfo(_Rec):
+    python: str = ""
+    platform: str = ""
+    versions: dict[str, str] = {}
+    driver: str = ""
+    gpus: list[str] = []
+    topology: str = ""
+    variables: dict[str, str] = {}
+    command_line: str = ""
+
+
+# ---- findings ----------------------------------------------------------------------------------------
+
+
+class Divergence(_Rec):
+    tp_group: tuple[int, ...]
+    index: int
+    field: str  # token_num | oneshot | grid | block | cluster | calls | op
+    values: dict[int, Any]
+    call: dict[str, Any] = {}
+    text: str = ""
+
+
+class Aliasing(_Rec):
+    ranks: tuple[int, ...]
+    rendezvous_groups: dict[int, tuple[int, ...]]
+    shared_buffers: dict[str, tuple[int, ...]]
+    text: str = ""
+
+
+class StackCluster(_Rec):
+    signature: str
+    ranks: list[int]
+    top: list[str]
+    odd: bool = False
+
+
+class CorruptionFinding(_Rec):
+    rank: int
+    wrong_calls: int
+    total_calls: int
+    first: dict[str, Any]
+    kind: str
+    detail: str = ""
+
+
+HypothesisStatus = Literal["supported", "consistent", "refuted", "no-evidence"]
+
+
+class Hypothesis(_Rec):
+    key: str
+    title: str
+    status: HypothesisStatus
+    score: float
+    evidence_for: list[str] = []
+    evidence_against: list[str] = []
+
+
+class Verdict(_Rec):
+    cls: str
+    headline: str
+    paragraph: str
+    spinning: list[int] = []
+    idle: list[int] = []
+    kernel: str = ""
+    call: dict[str, Any] = {}
+    top_hypothesis: str = ""
+
+
+class Analysis(_Rec):
+    divergences: list[Divergence] = []
+    aliasing: list[Aliasing] = []
+    stack_clusters: list[StackCluster] = []
+    corruption: list[CorruptionFinding] = []
+    hypotheses: list[Hypothesis] = []
+    verdict: Verdict
+    grid_checks: list[str] = []
+
+
+class RankSummary(_Rec):
+    rank: int
+    pp_stage: int
+    tp_rank: int
+    pid: int | None = None
+    device: str = "cpu"
+    calls_done: int = 0
+    wrong_calls: int = 0
+    last_phase: str = ""
+    pending: LaunchEvent | None = None
+    state: str = ""  # spinning | idle | finished | crashed
+
+
+class Report(_Rec):
+    schema_version: str = REPORT_SCHEMA_VERSION
+    vdiag_version: str
+    scenario_name: str
+    scenario_file: str
+    scenario_yaml: str
+    run_dir: str
+    started: str
+    duration_s: float
+    backend: str
+    engine: str
+    world_size: int
+    tp: int
+    pp: int
+    fusion_enabled: bool
+    payload_width: int
+    hidden: int
+    exit_code: int
+    expect: str | None = None
+    placement: str = ""
+    ranks: list[RankSummary] = []
+    watchdog: WatchdogVerdict
+    analysis: Analysis
+    stacks: list[StackSample] = []
+    gpu: list[GpuState] = []
+    collectors: list[CollectorRun] = []
+    env: EnvInfo = EnvInfo()
+    activity_plot: str = ""
+    notes: list[str] = []

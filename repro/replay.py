@@ -1,0 +1,213 @@
+"""Worker replay of vLLM's start-up on one rank.
+
+Order, as in vLLM's GPU worker: the fused op's workspace, a profiling `_dummy_run`, kernel warm-up, then
+the CUDA-graph capture loop over the capture sizes, largest first. Every forward runs each decoder layer's
+two all-reduce + residual + RMSNorm calls (after attention, after the MLP). PP stages make up their
+intermediate tensors locally, as `_dummy_run` does: no send/recv, so stages run concurrently.
+
+Before each launch the rank appends a record to its launch log and flushes it, so the call that hangs is
+on disk. After each call it checks the result against the locally computed expectation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from repro import checking
+from repro.backends.base import Backend, CallSpec, WorkspaceInfo
+from repro.launch_math import launch_config
+from repro.launchlog import LaunchLogWriter
+from repro.layout import place, tp_groups
+from repro.scenario import Fault, Scenario, apply_overrides, choose_oneshot
+
+
+class FaultBook:
+    """Matches injected faults against calls; a `once` fault fires on its first matching call only."""
+
+    def __init__(self, faults: list[Fault], rank: int) -> None:
+        self.mine = [f for f in faults if rank in f.ranks]
+        self.fired: set[int] = set()
+
+    def hits(self, kind: str, phase: str, size: int, layer: int, sub: int, call: int) -> list[Fault]:
+        out = []
+        for i, f in enumerate(self.mine):
+            if f.kind != kind or (f.once and i in self.fired):
+                continue
+            if f.at.matches(phase, size, layer, sub, call):
+                self.fired.add(i)
+                out.append(f)
+        return out
+
+    def workspace_fails(self) -> bool:
+        return any(f.kind == "workspace_fail" for f in self.mine)
+
+
+def _apply_hook(sc: Scenario, rank: int) -> Scenario:
+    """Run the scenario's hook (`module:function`), which returns dotted overrides for this rank."""
+    if not sc.hook:
+        return sc
+    mod_name, _, fn_name = sc.hook.partition(":")
+    fn = getattr(importlib.import_module(mod_name), fn_name or "configure")
+    overrides = fn(scenario=sc.model_dump(mode="json"), rank=rank) or {}
+    if not overrides:
+        return sc
+    data = apply_overrides(sc.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return Scenario.model_validate(data)
+
+
+def _make_backend(sc: Scenario, rank: int, tp_group: Any, tp_ranks: tuple[int, ...], max_tokens: int) -> Backend:
+    if sc.backend == "sim":
+        from repro.backends.sim import SimBackend
+
+        return SimBackend(
+            rank=rank, tp=sc.parallel.tp, pp=sc.parallel.pp, tp_group=tp_group, tp_ranks=tp_ranks,
+            run_token=os.environ.get("VDIAG_RUN_TOKEN", f"{os.getppid()}"), max_tokens=max_tokens,
+            width=sc.payload_width(),
+        )
+    if sc.backend == "nccl":
+        from repro.backends.reference import ReferenceBackend
+
+        return ReferenceBackend(tp_group=tp_group, tp_ranks=tp_ranks)
+    if sc.backend == "flashinfer":
+        fi_backend = importlib.import_module("repro.backends.flashinfer")
+        backend: Backend = fi_backend.make(sc, rank, tp_group, tp_ranks, max_tokens)
+        return backend
+    raise ValueError(f"backend {sc.backend!r} cannot run in a worker")
+
+
+def run_rank(run_dir: Path, rank: int) -> int:
+    import torch.distributed as dist
+
+    sc = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
+    log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
+    tp, pp = sc.parallel.tp, sc.parallel.pp
+    me = place(rank, tp, pp)
+    log.emit(
+        "hello", pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
+        backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", "cpu"),
+        device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else None,
+    )
+    try:
+        sc = _apply_hook(sc, rank)
+    except Exception as e:  # the code under test failed to import or run: a crash unrelated to the hang
+        log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 3
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+    groups = {}
+    for ranks in tp_groups(tp, pp):
+        groups[ranks] = dist.new_group(list(ranks), backend="gloo")
+    tp_group = groups[me.tp_group]
+    fused_wanted = sc.fusion_enabled()
+    max_fused = sc.fusion_max_token_num()
+    capture_sizes = sc.capture.ordered()
+    faults = FaultBook(sc.faults, rank)
+    # Every rank sizes its workspace alike (FlashInfer's max_token_num), whatever faults it carries.
+    max_tokens = min(max_fused, max([*capture_sizes, 1]) + max([abs(f.tokens) for f in sc.faults] + [0]) + 1)
+    backend = _make_backend(sc, rank, tp_group, me.tp_group, max_tokens)
+    width = sc.payload_width()
+    shape = sc.model
+    gamma = checking.gamma(width)
+    dtype_check = "fp32" if sc.backend == "sim" else shape.dtype
+
+    # 1. the fused op's workspace
+    log.emit("phase", phase="workspace")
+    ws = WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=me.tp_group)
+    if fused_wanted:
+        ws = backend.create_workspace(sc.fusion.workspace_group)
+        if faults.workspace_fails():
+            # vLLM logs a warning and silently falls back to the unfused path on this rank.
+            ws = WorkspaceInfo(False, ws.rendezvous_group, ws.tp_group, ws.peers, ws.peer_owner_ranks,
+                               error="injected: workspace creation failed; falling back to the unfused path")
+        log.emit(
+            "workspace", ok=ws.ok, backend=sc.backend, rendezvous_group=list(ws.rendezvous_group),
+            tp_group=list(ws.tp_group), peers=list(ws.peers), peer_owner_ranks=list(ws.peer_owner_ranks),
+            fallback=not ws.ok, error=ws.error,
+        )
+    use_fused = fused_wanted and ws.ok
+    ws_id = ws.ident if ws.ok else None
+
+    state = {"call": 0, "seq": 0, "wrong": 0}
+
+    def one_call(phase: str, size: int, layer: int, sub: int) -> None:
+        call = state["call"]
+        state["call"] += 1
+        seq = state["seq"]
+        state["seq"] += 1
+        for f in faults.hits("delay", phase, size, layer, sub, call):
+            time.sleep(f.seconds)
+        tokens = size
+        for f in faults.hits("token_divergence", phase, size, layer, sub, call):
+            tokens = max(1, size + f.tokens)
+        for f in faults.hits("flag_offset", phase, size, layer, sub, call):
+            backend.offset_flag(f.offset)
+        fused = use_fused and tokens <= max_fused
+        record: dict[str, Any] = dict(
+            seq=seq, call=call, phase=phase, size=size, layer=layer, sub=sub,
+            op="fused" if fused else "unfused", token_num=tokens, hidden=shape.hidden_size, dtype=shape.dtype,
+        )
+        x = checking.contribution(me.pp_stage, me.tp_rank, tp, call, tokens, width)
+        res = checking.residual(me.pp_stage, call, tokens, width)
+        if fused:
+            oneshot = choose_oneshot(sc.fusion.oneshot, tokens, shape.hidden_size, shape.elem_bytes, tp,
+                                     sc.device.sm_version)
+            for f in faults.hits("protocol_mismatch", phase, size, layer, sub, call):
+                oneshot = f.mode == "oneshot"
+            lc = launch_config(
+                token_num=tokens, hidden=shape.hidden_size, elem_bytes=shape.elem_bytes, oneshot=oneshot,
+                nranks=tp, sm_count=sc.device.sm_count, sm_version=sc.device.sm_version,
+                max_registers_per_block=sc.device.max_registers_per_block,
+                regs_per_thread=sc.device.regs_per_thread, max_cluster_size=sc.device.max_cluster_size,
+                pattern=sc.fusion.pattern, dtype=shape.dtype, fp32_acc=sc.fusion.fp32_acc,
+            )
+            record.update(oneshot=oneshot, grid=lc.grid, block=lc.block, cluster=lc.cluster, ws=ws_id)
+            log.emit("launch", **record)
+            spec = CallSpec(token_num=tokens, oneshot=oneshot, launch=lc, eps=shape.rms_eps, dtype=shape.dtype)
+            res_out, norm_out = backend.fused(x, res, gamma, spec)
+        else:
+            log.emit("launch", **record)
+            res_out, norm_out = backend.unfused(x, res, gamma, shape.rms_eps)
+        r = checking.check(res_out, norm_out, group=me.pp_stage, tp=tp, n_groups=pp, call=call,
+                           eps=shape.rms_eps, dtype=dtype_check)
+        if not r.ok:
+            state["wrong"] += 1
+        log.emit("result", seq=seq, ok=r.ok, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
+                 first_wrong=r.first_wrong, kind=r.kind, detail=r.detail)
+
+    def forward(phase: str, size: int) -> None:
+        for layer in range(shape.num_layers):
+            one_call(phase, size, layer, 0)
+            one_call(phase, size, layer, 1)
+
+    try:
+        log.emit("phase", phase="profile", size=sc.capture.max_num_batched_tokens)
+        forward("profile", sc.capture.max_num_batched_tokens)
+        log.emit("phase", phase="warmup", size=capture_sizes[0])
+        forward("warmup", capture_sizes[0])
+        for i, size in enumerate(capture_sizes):
+            log.emit("phase", phase="capture", index=i, total=len(capture_sizes), size=size)
+            for _ in range(sc.capture.warmup_steps):
+                forward("capture", size)
+            forward("capture", size)  # the captured run, replayed once
+        log.emit("phase", phase="capture", index=len(capture_sizes), total=len(capture_sizes))
+        log.emit("phase", phase="finish")
+        dist.barrier()
+        log.emit("done", calls=state["call"], wrong_calls=state["wrong"])
+    except Exception as e:
+        log.emit("error", where="replay", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
+    log.close()
+    dist.destroy_process_group()
+    return 0

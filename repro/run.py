@@ -1,0 +1,301 @@
+"""`vdiag run`: scenario -> launch -> watchdog -> collectors -> analysis -> report, and the exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from repro import __version__
+from repro.analysis import analyze
+from repro.errors import EnvironmentProblem, ExitCode, ScenarioError
+from repro.launch import Launch, NodeSpec, sweep_shm
+from repro.launchlog import read_rank_log
+from repro.layout import place
+from repro.live import LiveView
+from repro.records import (
+    CollectorRun,
+    EnvInfo,
+    GpuState,
+    RankLog,
+    RankSummary,
+    Report,
+    StackSample,
+    WatchdogVerdict,
+)
+from repro.rundir import RunDir
+from repro.scenario import Scenario, dump_resolved, load_scenario
+from repro.watchdog import Watchdog
+
+HANG_CLASSES = ("spin-deadlock", "all-spinning", "host-wait", "timeout")
+
+
+@dataclass
+class RunOptions:
+    overrides: list[str] = field(default_factory=list)
+    reports_dir: Path = Path("reports")
+    node: NodeSpec = field(default_factory=NodeSpec)
+    gpu_state: str = "auto"  # auto | attach | coredump | none
+    live: bool = True
+    quiet: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunOutcome:
+    report: Report
+    run_dir: RunDir
+    exit_code: int
+
+    @property
+    def expectation_met(self) -> bool | None:
+        exp = self.report.expect
+        if exp is None:
+            return None
+        cls = self.report.analysis.verdict.cls
+        wrong = bool(self.report.analysis.corruption)
+        if exp == "hang":
+            return cls in HANG_CLASSES
+        if exp == "clean":
+            return cls in ("clean", "slow") and not wrong
+        if exp == "corruption":
+            return wrong
+        return self.exit_code == ExitCode.REPRODUCED  # failure: a hang or corruption
+
+
+def gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = int(pynvml.nvmlDeviceGetCount())
+        pynvml.nvmlShutdown()
+        return n
+    except Exception:
+        return 0
+
+
+def resolve_backend(sc: Scenario) -> tuple[Scenario, list[str]]:
+    notes = []
+    backend = sc.backend
+    n_gpus = gpu_count()
+    if backend == "auto":
+        if n_gpus == 0:
+            backend = "sim"
+            notes.append("backend auto -> sim: no GPU on this machine")
+        elif importlib.util.find_spec("flashinfer") is not None:
+            backend = "flashinfer"
+        else:
+            backend = "sim"
+            notes.append("backend auto -> sim: a GPU is present but flashinfer-python is not installed")
+    if backend in ("flashinfer",) and n_gpus == 0:
+        raise EnvironmentProblem(
+            f"scenario {sc.name}: backend: {backend} needs an NVIDIA GPU and none was found (NVML); "
+            "use backend: sim on this machine"
+        )
+    if backend == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
+        raise EnvironmentProblem(
+            f"scenario {sc.name}: backend: flashinfer needs flashinfer-python; run `pip install -e .[flashinfer]`"
+        )
+    if sc.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EnvironmentProblem(f"scenario {sc.name}: engine: vllm needs vLLM; run `pip install -e .[vllm]`")
+    return sc.model_copy(update={"backend": backend}), notes
+
+
+def _collect(
+    run_dir: RunDir, sc: Scenario, logs: dict[int, RankLog], wd: WatchdogVerdict, opts: RunOptions
+) -> tuple[list[StackSample], list[GpuState], list[CollectorRun], EnvInfo]:
+    """Run the collectors in parallel; a collector that fails is recorded and does not stop the others."""
+    from repro.collectors.environment import collect_env
+    from repro.collectors.stacks import collect_stacks
+
+    pids = {r: lg.hello.pid for r, lg in logs.items() if lg.hello is not None}
+    alive = {r: p for r, p in pids.items() if _alive(p)}
+    stacks: list[StackSample] = []
+    gpu: list[GpuState] = []
+    runs: list[CollectorRun] = []
+    env = EnvInfo()
+    scenario_yaml = run_dir.scenario_yaml.read_text()
+    jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, scenario_yaml)}
+    if wd.is_hang and alive:
+        jobs["stacks"] = lambda: collect_stacks(alive, run_dir)
+        on_gpu = sc.backend in ("flashinfer",) or (sc.backend == "nccl" and gpu_count() > 0)
+        if on_gpu and opts.gpu_state in ("auto", "attach"):
+            from repro.collectors.gpu import collect_gpu_attach
+
+            busy = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
+            jobs["gpu"] = lambda: collect_gpu_attach(busy, run_dir)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
+        futs = {name: ex.submit(fn) for name, fn in jobs.items()}
+        for name, fut in futs.items():
+            try:
+                res = fut.result()
+            except Exception as e:  # a collector bug must not lose the others' evidence
+                runs.append(CollectorRun(name=name, ok=False, seconds=round(time.monotonic() - t0, 3),
+                                         error=f"{type(e).__name__}: {e}"))
+                continue
+            if name == "env":
+                env = res
+                runs.append(CollectorRun(name="environment", ok=True, seconds=round(time.monotonic() - t0, 3),
+                                         artifact=str(run_dir.env_json.relative_to(run_dir.root))))
+            elif name == "stacks":
+                stacks, r = res
+                runs.extend(r)
+            elif name == "gpu":
+                gpu, r = res
+                runs.extend(r)
+    return stacks, gpu, runs, env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def exit_code_for(wd: WatchdogVerdict, any_wrong: bool) -> ExitCode:
+    if wd.cls == "crash":
+        return ExitCode.CRASH
+    if wd.cls in HANG_CLASSES or any_wrong:
+        return ExitCode.REPRODUCED
+    return ExitCode.CLEAN
+
+
+def summarize_ranks(logs: dict[int, RankLog], wd: WatchdogVerdict, tp: int, pp: int) -> list[RankSummary]:
+    out = []
+    crashed = {c.rank for c in wd.crashed}
+    for r in sorted(logs):
+        lg = logs[r]
+        p = place(r, tp, pp)
+        if r in crashed:
+            state = "crashed"
+        elif lg.done is not None:
+            state = "finished"
+        elif r in wd.busy_ranks:
+            state = "spinning"
+        elif wd.is_hang:
+            state = "idle"
+        else:
+            state = "stopped"
+        out.append(RankSummary(
+            rank=r, pp_stage=p.pp_stage, tp_rank=p.tp_rank, pid=lg.hello.pid if lg.hello else None,
+            device=lg.hello.device if lg.hello else "cpu", calls_done=len(lg.results),
+            wrong_calls=sum(1 for x in lg.results if not x.ok),
+            last_phase=lg.phases[-1].phase if lg.phases else "", pending=lg.pending_launch() if wd.is_hang else None,
+            state=state,
+        ))
+    return out
+
+
+def read_logs(run_dir: RunDir, world: int) -> dict[int, RankLog]:
+    return {r: read_rank_log(run_dir.launch_log(r), r) for r in range(world)}
+
+
+def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = None) -> RunOutcome:
+    console = console or Console(stderr=True)
+    sc = load_scenario(path, opts.overrides)
+    sc, notes = resolve_backend(sc)
+    if sc.engine == "vllm":
+        raise ScenarioError(f"{path}: engine: vllm is not available in this build; use engine: replay")
+    world = sc.world_size
+    if opts.node.nnodes > 1 and world % opts.node.nnodes:
+        raise ScenarioError(
+            f"{path}: parallel: tp x pp = {world} ranks cannot be split evenly over --nnodes {opts.node.nnodes}"
+        )
+    opts.reports_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.create(opts.reports_dir, sc.name)
+    run_dir.scenario_json.write_text(sc.model_dump_json())
+    run_dir.scenario_yaml.write_text(dump_resolved(sc))
+    if sc.backend == "sim" and sc.payload_scaled():
+        notes.append(
+            f"payload scaled: the sim carried {sc.payload_width()} of {sc.model.hidden_size} elements per token; "
+            "launch records and the launch arithmetic use the real shape (NOTES.md, 'Keeping the CPU replay fast')"
+        )
+    sweep_shm()  # names left by vdiag processes that no longer exist
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    launch = Launch(run_dir, world, node=opts.node, extra_env=dict(opts.extra_env))
+    first_rank = opts.node.node_rank * launch.nproc_per_node
+    local_ranks = list(range(first_rank, first_rank + launch.nproc_per_node))
+    wd_verdict: WatchdogVerdict | None = None
+    stacks: list[StackSample] = []
+    gpu: list[GpuState] = []
+    runs: list[CollectorRun] = []
+    env = EnvInfo()
+    interrupted = False
+    pids: list[int] = []
+    try:
+        launch.start()
+        title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
+        with LiveView(console, sc.parallel.tp, sc.parallel.pp, title) as view:
+            dog = Watchdog(run_dir, launch, world, sc.watchdog, observers=[view] if opts.live else [],
+                           use_gpu=sc.backend != "sim", ranks=local_ranks)
+            try:
+                wd_verdict = dog.watch()
+            except KeyboardInterrupt:
+                interrupted = True
+                wd_verdict = dog._verdict("timeout", time.time(), None, dog.stall_threshold(), 0,
+                                          since=time.monotonic() - 5, note="interrupted by the user (Ctrl-C)")
+        logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
+        pids = [lg.hello.pid for lg in logs.values() if lg.hello is not None]
+        if not interrupted:
+            stacks, gpu, runs, env = _collect(run_dir, sc, logs, wd_verdict, opts)
+    finally:
+        launch.teardown(extra_pids=pids)
+    assert wd_verdict is not None
+    logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
+    tp, pp = sc.parallel.tp, sc.parallel.pp
+    analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
+                       pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc)
+    any_wrong = bool(analysis.corruption)
+    code = exit_code_for(wd_verdict, any_wrong)
+    if interrupted:
+        notes.append("the run was interrupted (Ctrl-C); the report holds what was collected until then")
+    placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
+    report = Report(
+        vdiag_version=__version__, scenario_name=sc.name, scenario_file=str(path),
+        scenario_yaml=run_dir.scenario_yaml.read_text(), run_dir=str(run_dir.root),
+        started=started.isoformat(timespec="seconds"), duration_s=round(time.monotonic() - t0, 2),
+        backend=sc.backend, engine=sc.engine, world_size=world, tp=tp, pp=pp, fusion_enabled=sc.fusion_enabled(),
+        payload_width=sc.payload_width(), hidden=sc.model.hidden_size, exit_code=int(code), expect=sc.expect,
+        placement=placement, ranks=summarize_ranks(logs, wd_verdict, tp, pp), watchdog=wd_verdict,
+        analysis=analysis, stacks=stacks, gpu=gpu, collectors=runs, env=env, notes=notes,
+    )
+    report = write_report(run_dir, report)
+    if not opts.quiet:
+        from repro.report.terminal import render_terminal
+
+        render_terminal(report, console)
+    if interrupted:
+        raise KeyboardInterrupt
+    return RunOutcome(report=report, run_dir=run_dir, exit_code=int(code))
+
+
+def write_report(run_dir: RunDir, report: Report) -> Report:
+    """Render report.md, report.json and the activity picture from the records (also `vdiag report`)."""
+    from repro.report import json_report, markdown
+    from repro.report.timeline import render_activity
+    from repro.watchdog import load_activity
+
+    samples = load_activity(run_dir.activity)
+    meta = {r.rank: f"r{r.rank} pp{r.pp_stage} tp{r.tp_rank}" for r in report.ranks}
+    with contextlib.suppress(Exception):
+        stall_t = (report.watchdog.last_progress_t or 0) + report.watchdog.stall_s if report.watchdog.is_hang else None
+        render_activity(samples, run_dir.activity_svg, ranks_meta=meta, stall_t=stall_t,
+                        verdict_t=report.watchdog.verdict_t)
+        report = report.model_copy(update={"activity_plot": run_dir.activity_svg.name})
+    json_report.render(report, run_dir.report_json)
+    markdown.render(report, run_dir.report_md)
+    return report
