@@ -14,9 +14,11 @@ from repro.errors import ExitCode, ScenarioError, VdiagError
 
 HELP = """Reproduce and diagnose distributed deadlocks in LLM-serving start-up (vLLM + FlashInfer).
 
+\b
   vdiag run scenarios/llama70b-pp2-tp2-fusion.yaml     # replay vLLM's start-up, report the hang
   vdiag report reports/<run>/                          # render a run's report again
 
+\b
 Exit codes: 0 clean, 1 hang or wrong results reproduced, 2 usage or scenario error,
 3 environment error, 4 a worker crashed, 125 bisect step skipped.
 """
@@ -119,6 +121,24 @@ def scenario_schema() -> None:
     from repro.scenario import json_schema
 
     print(json_schema())
+
+
+def _register_commands() -> None:
+    import importlib
+
+    from repro.commands import MODULES
+
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(f"repro.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"repro.commands.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -1,0 +1,3 @@
+"""Sub-command groups that live outside cli.py. Each module defines `register(app: typer.Typer) -> None`."""
+
+MODULES = ("bisect", "doctor", "vllm_scenario")
