@@ -470,7 +470,7 @@ def make_verdict(
         + f". No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
     )
     if corr:
-        para += (f" Before hanging, ranks {_ranks_text(wrong_ranks)} also received wrong data "
+        para += (f" Before hanging, {_plural('rank', wrong_ranks)} also received wrong data "
                  f"({corr[0].kind.replace('_', ' ')}, first at {_call_text(corr[0].first)}).")
     para += cause
     if top and top.evidence_for:

@@ -46,6 +46,7 @@ class NodeSpec:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None  # must be the same on every node (multi-node); see docs/multinode.md
 
     @property
     def multi(self) -> bool:
@@ -72,7 +73,7 @@ class Launch:
 
     def command(self) -> list[str]:
         endpoint = self.node.rdzv_endpoint or f"127.0.0.1:{free_port()}"
-        rdzv_id = os.environ.get("VDIAG_RDZV_ID", self.token) if self.node.multi else self.token
+        rdzv_id = (self.node.rdzv_id or os.environ.get("VDIAG_RDZV_ID", self.token)) if self.node.multi else self.token
         return [
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes", str(self.node.nnodes),
@@ -172,3 +173,84 @@ def wait_for_exit(launch: Launch, timeout: float) -> int | None:
             return rc
         time.sleep(0.05)
     return None
+
+
+# ---- multi-node: the node's place from SLURM (docs/multinode.md) -----------------------------------------
+
+SLURM_DEFAULT_PORT = 29400  # torchrun's c10d default; MASTER_PORT overrides it
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[07-09,12],login1" -> "gpu07", "a[1-2]-b[3-4]" -> "a1-b3"."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end].strip()
+    out, i = "", 0
+    while i < len(first):
+        if first[i] == "[":
+            close = first.index("]", i)
+            out += first[i + 1 : close].split(",")[0].split("-")[0]
+            i = close + 1
+        else:
+            out += first[i]
+            i += 1
+    return out
+
+
+def node_from_slurm(env: dict[str, str] | None = None) -> NodeSpec | None:
+    """This node's NodeSpec inside an `srun` step over several nodes, or None outside one.
+
+    SLURM_NNODES and SLURM_NODEID give the node count and this node's index; the endpoint is
+    MASTER_ADDR:MASTER_PORT when both are set, else the first host of SLURM_JOB_NODELIST on MASTER_PORT
+    (default 29400); the rendezvous id is "slurm-JOBID.STEPID", the same on every node of the step.
+    Raises ValueError when the step runs more than one vdiag per node.
+    """
+    e = dict(os.environ) if env is None else env
+    step = e.get("SLURM_STEP_ID", e.get("SLURM_STEPID"))
+    if not e.get("SLURM_JOB_ID") or step is None or "SLURM_NODEID" not in e:
+        return None
+    nnodes = int(e.get("SLURM_NNODES", e.get("SLURM_JOB_NUM_NODES", "1")) or 1)
+    if nnodes <= 1:
+        return None
+    ntasks = int(e.get("SLURM_NTASKS", str(nnodes)) or nnodes)
+    if ntasks != nnodes or e.get("SLURM_LOCALID", "0") != "0":
+        raise ValueError(
+            f"this srun step runs {ntasks} tasks on {nnodes} nodes: vdiag starts torchrun itself, so run one "
+            "vdiag per node (srun --nodes N --ntasks-per-node 1 vdiag run ...)"
+        )
+    port = e.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT)
+    host = e.get("MASTER_ADDR") or first_slurm_host(e.get("SLURM_JOB_NODELIST", e.get("SLURM_NODELIST", "")))
+    if not host:
+        raise ValueError("SLURM_JOB_NODELIST is empty and MASTER_ADDR is not set: no rendezvous endpoint")
+    return NodeSpec(nnodes=nnodes, node_rank=int(e["SLURM_NODEID"]), rdzv_endpoint=f"{host}:{port}",
+                    rdzv_id=f"slurm-{e['SLURM_JOB_ID']}.{step}")
+
+
+def resolve_node(
+    nnodes: int | None, node_rank: int | None, rdzv_endpoint: str | None, rdzv_id: str | None,
+    env: dict[str, str] | None = None,
+) -> NodeSpec:
+    """The node's place from the command line, else from SLURM (inside an srun step), else one node.
+
+    Flags win over SLURM's variables; `--nnodes 1` turns SLURM's detection off. A multi-node run with no
+    rendezvous id gets one from VDIAG_RDZV_ID or the endpoint, which every node shares.
+    """
+    e = dict(os.environ) if env is None else env
+    spec = None if nnodes is not None else node_from_slurm(e)
+    if spec is None:
+        spec = NodeSpec(nnodes=nnodes or 1, node_rank=node_rank or 0, rdzv_endpoint=rdzv_endpoint or None,
+                        rdzv_id=rdzv_id or None)
+    else:
+        if node_rank is not None:
+            spec.node_rank = node_rank
+        spec.rdzv_endpoint = rdzv_endpoint or spec.rdzv_endpoint
+        spec.rdzv_id = rdzv_id or spec.rdzv_id
+    if spec.multi and not spec.rdzv_id:
+        spec.rdzv_id = e.get("VDIAG_RDZV_ID") or "vdiag-" + "".join(
+            c if c.isalnum() else "-" for c in (spec.rdzv_endpoint or "")
+        )
+    return spec

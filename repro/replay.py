@@ -29,6 +29,8 @@ from repro.launchlog import LaunchLogWriter
 from repro.layout import place, tp_groups
 from repro.scenario import Fault, Scenario, apply_overrides, choose_oneshot
 
+SIM_MAX_TOKENS = 16384  # cap on the sim's workspace rows (memory); larger fused calls are refused
+
 
 class FaultBook:
     """Matches injected faults against calls; a `once` fault fires on its first matching call only."""
@@ -111,8 +113,8 @@ def run_rank(run_dir: Path, rank: int) -> int:
     max_fused = sc.fusion_max_token_num()
     capture_sizes = sc.capture.ordered()
     faults = FaultBook(sc.faults, rank)
-    # Every rank sizes its workspace alike (FlashInfer's max_token_num), whatever faults it carries.
-    max_tokens = min(max_fused, max([*capture_sizes, 1]) + max([abs(f.tokens) for f in sc.faults] + [0]) + 1)
+    # Every rank sizes its workspace alike: FlashInfer's max_token_num is vLLM's fusion limit.
+    max_tokens = min(max_fused, SIM_MAX_TOKENS)
     backend = _make_backend(sc, rank, tp_group, me.tp_group, max_tokens)
     width = sc.payload_width()
     shape = sc.model

@@ -22,6 +22,7 @@ from repro.launch import Launch, NodeSpec, sweep_shm
 from repro.launchlog import read_rank_log
 from repro.layout import place
 from repro.live import LiveView
+from repro.merge import NodeInfo
 from repro.records import (
     CollectorRun,
     EnvInfo,
@@ -32,6 +33,7 @@ from repro.records import (
     StackSample,
     WatchdogVerdict,
 )
+from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Scenario, dump_resolved, load_scenario
 from repro.watchdog import Watchdog
@@ -48,6 +50,7 @@ class RunOptions:
     live: bool = True
     quiet: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    merge_wait_s: float = 60.0  # multi-node: how long node 0 waits for the other nodes' folders to merge
 
 
 @dataclass
@@ -55,6 +58,8 @@ class RunOutcome:
     report: Report
     run_dir: RunDir
     exit_code: int
+    merged_dir: RunDir | None = None  # multi-node: node 0's report of all nodes, when it could merge
+    merge_message: str = ""
 
     @property
     def expectation_met(self) -> bool | None:
@@ -214,10 +219,13 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         raise ScenarioError(
             f"{path}: parallel: tp x pp = {world} ranks cannot be split evenly over --nnodes {opts.node.nnodes}"
         )
+    if opts.node.multi:
+        check_multinode(sc, opts.node, path)
     opts.reports_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = RunDir.create(opts.reports_dir, sc.name)
-    run_dir.scenario_json.write_text(sc.model_dump_json())
-    run_dir.scenario_yaml.write_text(dump_resolved(sc))
+    run_dir = RunDir.create(opts.reports_dir, sc.name + (f"-node{opts.node.node_rank}" if opts.node.multi else ""))
+    # Users paste reports into public issues: no secret from the scenario reaches the run folder.
+    run_dir.scenario_json.write_text(redact_text(sc.model_dump_json()))
+    run_dir.scenario_yaml.write_text(redact_text(dump_resolved(sc)))
     if sc.backend == "sim" and sc.payload_scaled():
         notes.append(
             f"payload scaled: the sim carried {sc.payload_width()} of {sc.model.hidden_size} elements per token; "
@@ -236,8 +244,12 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     env = EnvInfo()
     interrupted = False
     pids: list[int] = []
+    node_info: NodeInfo | None = None  # multi-node only
     try:
         launch.start()
+        if opts.node.multi:  # c10d places nodes by host name, not --node-rank: ask the workers
+            local_ranks = discover_local_ranks(run_dir, launch)
+            node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name)
         title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
         with LiveView(console, sc.parallel.tp, sc.parallel.pp, title) as view:
             dog = Watchdog(run_dir, launch, world, sc.watchdog, observers=[view] if opts.live else [],
@@ -252,6 +264,9 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         pids = [lg.hello.pid for lg in logs.values() if lg.hello is not None]
         if not interrupted:
             stacks, gpu, runs, env = _collect(run_dir, sc, logs, wd_verdict, opts)
+            if node_info is not None:
+                node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name, collected=True)
+                linger_for_other_nodes(launch, wd_verdict, node_info, opts.reports_dir)
     finally:
         launch.teardown(extra_pids=pids)
     assert wd_verdict is not None
@@ -264,6 +279,10 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     if interrupted:
         notes.append("the run was interrupted (Ctrl-C); the report holds what was collected until then")
     placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
+    if node_info is not None:
+        from repro.merge import node_note
+
+        notes.append(node_note(node_info))
     report = Report(
         vdiag_version=__version__, scenario_name=sc.name, scenario_file=str(path),
         scenario_yaml=run_dir.scenario_yaml.read_text(), run_dir=str(run_dir.root),
@@ -280,7 +299,13 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         render_terminal(report, console)
     if interrupted:
         raise KeyboardInterrupt
-    return RunOutcome(report=report, run_dir=run_dir, exit_code=int(code))
+    outcome = RunOutcome(report=report, run_dir=run_dir, exit_code=int(code))
+    if node_info is not None and node_info.node_rank == 0 and opts.merge_wait_s > 0:
+        from repro.merge import auto_merge
+
+        outcome.merged_dir, outcome.merge_message = auto_merge(run_dir, node_info, opts.reports_dir,
+                                                               opts.merge_wait_s)
+    return outcome
 
 
 def write_report(run_dir: RunDir, report: Report) -> Report:
@@ -299,3 +324,73 @@ def write_report(run_dir: RunDir, report: Report) -> Report:
     json_report.render(report, run_dir.report_json)
     markdown.render(report, run_dir.report_md)
     return report
+
+
+# ---- multi-node (docs/multinode.md): one vdiag per node, each watching the ranks torchrun put there ----
+
+MULTINODE_LINGER_S = 5.0
+
+
+def check_multinode(sc: Scenario, node: NodeSpec, path: str | Path) -> None:
+    """What a multi-node run needs beyond one node: an endpoint, and for the sim, node-local TP groups."""
+    if not node.rdzv_endpoint:
+        raise ScenarioError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node (node 0's address)")
+    if not 0 <= node.node_rank < node.nnodes:
+        raise ScenarioError(f"--node-rank {node.node_rank}: must be 0..{node.nnodes - 1} for --nnodes {node.nnodes}")
+    per_node = sc.world_size // node.nnodes
+    if sc.backend == "sim" and sc.fusion_enabled():
+        if per_node % sc.parallel.tp:
+            raise ScenarioError(
+                f"{path}: the sim shares workspaces through /dev/shm, so each TP group must sit on one node: "
+                f"{per_node} ranks per node is not a multiple of tp={sc.parallel.tp}"
+            )
+        if sc.fusion.workspace_group == "world" and sc.parallel.pp > 1:
+            raise ScenarioError(
+                f"{path}: fusion.workspace_group: world maps other nodes' buffers, which the sim (CPU shared "
+                "memory) cannot reach across nodes; use workspace_group: tp, or run on one node"
+            )
+
+
+def discover_local_ranks(run_dir: RunDir, launch: Launch, timeout: float = 300.0) -> list[int]:
+    """The global ranks torchrun started on this node: c10d's rendezvous orders nodes by host name (and
+    process id), whatever --node-rank says, so read them from the launch logs the workers open first."""
+    deadline = time.monotonic() + timeout
+    want = launch.nproc_per_node
+    while time.monotonic() < deadline:
+        ranks = run_dir.ranks()
+        if len(ranks) >= want or launch.returncode() is not None:
+            break
+        time.sleep(0.1)
+    ranks = run_dir.ranks()
+    if not ranks:  # nothing started: fall back to the --node-rank block so the watchdog reports it
+        first = launch.node.node_rank * want
+        return list(range(first, first + want))
+    return ranks
+
+
+def _write_node_info(
+    opts: RunOptions, run_dir: RunDir, ranks: list[int], started: dt.datetime, name: str, collected: bool = False
+) -> NodeInfo:
+    from repro.merge import make_node_info, write_node_info
+
+    info = make_node_info(opts.node.nnodes, opts.node.node_rank, opts.node.rdzv_endpoint, opts.node.rdzv_id,
+                          ranks, started.timestamp(), name)
+    if collected:
+        info = info.model_copy(update={"collected_t": time.time()})
+    write_node_info(run_dir, info)
+    return info
+
+
+def linger_for_other_nodes(launch: Launch, wd: WatchdogVerdict, info: NodeInfo, reports_dir: Path) -> None:
+    """Keep this node's hung ranks alive a little after its verdict, so that the other nodes' watchdogs
+    see the same hang rather than the job ending under them when this node tears down. Ends early once
+    every other node has collected its evidence, as seen beside this folder (a shared reports folder)."""
+    from repro.merge import other_nodes_collected
+
+    if not wd.is_hang:
+        return
+    deadline = wd.verdict_t + min(wd.stall_s, 10.0) + MULTINODE_LINGER_S
+    while time.time() < deadline and launch.returncode() is None:
+        if other_nodes_collected(reports_dir, info):
+            return
+        time.sleep(0.2)

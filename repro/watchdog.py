@@ -22,6 +22,7 @@ import psutil
 from repro.launch import Launch
 from repro.launchlog import LogTail
 from repro.records import ActivitySample, RankExit, WatchdogVerdict
+from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Watchdog as WatchdogConfig
 
@@ -330,7 +331,7 @@ def _tail(path: Any, n: int = 15) -> list[str]:
     except OSError:
         return []
     keep = [ln for ln in lines if "OMP_NUM_THREADS" not in ln and not ln.startswith("W1") and "*****" not in ln]
-    return keep[-n:]
+    return [redact_text(ln) for ln in keep[-n:]]
 
 
 def crashed_ranks(run_dir: RunDir, ranks: dict[int, RankState], rc: int) -> list[RankExit]:
@@ -340,7 +341,14 @@ def crashed_ranks(run_dir: RunDir, ranks: dict[int, RankState], rc: int) -> list
     text = ""
     with contextlib.suppress(OSError):
         text = run_dir.torchrun_log.read_text(errors="replace")
-    for m in re.finditer(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text):
+    pattern = r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
+    root: int | None = None
+    if "Root Cause" in text:
+        m = re.search(pattern, text.split("Root Cause", 1)[1])
+        if m:
+            root = int(m.group(1))
+            found[root] = int(m.group(2))
+    for m in re.finditer(pattern, text):
         found.setdefault(int(m.group(1)), int(m.group(2)))
     if not found and err_file.exists():
         with contextlib.suppress(Exception):
@@ -353,7 +361,7 @@ def crashed_ranks(run_dir: RunDir, ranks: dict[int, RankState], rc: int) -> list
                 break
     out = []
     # The root cause first: a rank that exited by itself before one that torchrun terminated.
-    for r, code in sorted(found.items(), key=lambda kv: (kv[1] in (-15, -9), kv[0])):
+    for r, code in sorted(found.items(), key=lambda kv: (kv[0] != root, kv[1] == -15, kv[0])):
         out.append(RankExit(rank=r, returncode=code, signal=_signal_name(code),
                             stderr_tail=_tail(run_dir.stderr_log(r)) if r >= 0 else []))
     return out
