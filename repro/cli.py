@@ -158,7 +158,7 @@ def scenario_validate(files: list[Path] = typer.Argument(..., help="scenario fil
         if errs:
             bad += 1
             for e in errs:
-                err_console.print(e, markup=False, highlight=False)
+                sys.stderr.write(e + "\n")
         else:
             print(f"{f}: ok")
     if bad:
@@ -204,12 +204,12 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except VdiagError as e:
-        err_console.print(f"vdiag: error: {e.message}", markup=False, highlight=False)
+        sys.stderr.write(f"vdiag: error: {e.message}\n")
         sys.exit(int(e.exit_code))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("vdiag: interrupted; processes and shared memory cleaned up", markup=False)
+        sys.stderr.write("vdiag: interrupted; processes and shared memory cleaned up\n")
         sys.exit(130)
     except Exception as e:
         import click
@@ -221,7 +221,7 @@ def main() -> None:
             sys.exit(int(ExitCode.USAGE))
         with tempfile.NamedTemporaryFile("w", prefix="vdiag-crash-", suffix=".txt", delete=False) as f:
             traceback.print_exc(file=f)
-        err_console.print(f"vdiag: internal error: {type(e).__name__}: {e} (traceback in {f.name})", markup=False)
+        sys.stderr.write(f"vdiag: internal error: {type(e).__name__}: {e} (traceback in {f.name})\n")
         sys.exit(70)
 
 

@@ -66,7 +66,9 @@ def _apply_hook(sc: Scenario, rank: int) -> Scenario:
     return Scenario.model_validate(data)
 
 
-def _make_backend(sc: Scenario, rank: int, tp_group: Any, tp_ranks: tuple[int, ...], max_tokens: int) -> Backend:
+def _make_backend(
+    sc: Scenario, rank: int, tp_group: Any, tp_ranks: tuple[int, ...], max_tokens: int, gpu_nccl: bool = False
+) -> Backend:
     if sc.backend == "sim":
         from repro.backends.sim import SimBackend
 
@@ -76,6 +78,12 @@ def _make_backend(sc: Scenario, rank: int, tp_group: Any, tp_ranks: tuple[int, .
             width=sc.payload_width(),
         )
     if sc.backend == "nccl":
+        import torch
+
+        if torch.cuda.is_available():  # CUDA tensors: NCCL where each rank has a GPU, else gloo
+            from repro.backends.gpu_reference import GpuReferenceBackend
+
+            return GpuReferenceBackend(tp_group=tp_group, tp_ranks=tp_ranks, dtype=sc.model.dtype, nccl=gpu_nccl)
         from repro.backends.reference import ReferenceBackend
 
         return ReferenceBackend(tp_group=tp_group, tp_ranks=tp_ranks)
@@ -93,10 +101,15 @@ def run_rank(run_dir: Path, rank: int) -> int:
     log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
     tp, pp = sc.parallel.tp, sc.parallel.pp
     me = place(rank, tp, pp)
+    from repro import cupti_trace
+    from repro.backends.gpu_reference import host_backend, select_device
+
+    gpu = select_device(sc.backend, rank)  # GPU backends: this rank's GPU (local rank modulo GPUs), made current
     log.emit(
         "hello", pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
-        backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", "cpu"),
-        device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else None,
+        backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", gpu.device),
+        device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else gpu.nvml_index,
+        gpu_name=gpu.name, shared_gpu=gpu.shared,
     )
     try:
         sc = _apply_hook(sc, rank)
@@ -104,10 +117,11 @@ def run_rank(run_dir: Path, rank: int) -> int:
         log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
         return 3
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+    pg_backend = host_backend(gpu)  # gloo, or cpu:gloo,cuda:nccl where each rank has its own GPU
+    dist.init_process_group(pg_backend, timeout=datetime.timedelta(hours=2))
     groups = {}
     for ranks in tp_groups(tp, pp):
-        groups[ranks] = dist.new_group(list(ranks), backend="gloo")
+        groups[ranks] = dist.new_group(list(ranks), backend=pg_backend)
     tp_group = groups[me.tp_group]
     fused_wanted = sc.fusion_enabled()
     max_fused = sc.fusion_max_token_num()
@@ -115,7 +129,7 @@ def run_rank(run_dir: Path, rank: int) -> int:
     faults = FaultBook(sc.faults, rank)
     # Every rank sizes its workspace alike: FlashInfer's max_token_num is vLLM's fusion limit.
     max_tokens = min(max_fused, SIM_MAX_TOKENS)
-    backend = _make_backend(sc, rank, tp_group, me.tp_group, max_tokens)
+    backend = _make_backend(sc, rank, tp_group, me.tp_group, max_tokens, gpu_nccl=pg_backend != "gloo")
     width = sc.payload_width()
     shape = sc.model
     gamma = checking.gamma(width)
@@ -140,7 +154,7 @@ def run_rank(run_dir: Path, rank: int) -> int:
 
     state = {"call": 0, "seq": 0, "wrong": 0}
 
-    def one_call(phase: str, size: int, layer: int, sub: int) -> None:
+    def one_call(phase: str, size: int, layer: int, sub: int, graph: bool = False) -> None:
         call = state["call"]
         state["call"] += 1
         seq = state["seq"]
@@ -164,20 +178,36 @@ def run_rank(run_dir: Path, rank: int) -> int:
                                      sc.device.sm_version)
             for f in faults.hits("protocol_mismatch", phase, size, layer, sub, call):
                 oneshot = f.mode == "oneshot"
-            lc = launch_config(
-                token_num=tokens, hidden=shape.hidden_size, elem_bytes=shape.elem_bytes, oneshot=oneshot,
-                nranks=tp, sm_count=sc.device.sm_count, sm_version=sc.device.sm_version,
+            dev: dict[str, int] = dict(
+                sm_count=sc.device.sm_count, sm_version=sc.device.sm_version,
                 max_registers_per_block=sc.device.max_registers_per_block,
                 regs_per_thread=sc.device.regs_per_thread, max_cluster_size=sc.device.max_cluster_size,
-                pattern=sc.fusion.pattern, dtype=shape.dtype, fp32_acc=sc.fusion.fp32_acc,
             )
+            attrs = getattr(backend, "launch_attrs", None)  # GPU backends: this device, this kernel's registers
+            if attrs is not None:
+                dev.update(attrs(oneshot))
+            lc = launch_config(
+                token_num=tokens, hidden=shape.hidden_size, elem_bytes=shape.elem_bytes, oneshot=oneshot,
+                nranks=tp, pattern=sc.fusion.pattern, dtype=shape.dtype, fp32_acc=sc.fusion.fp32_acc, **dev,
+            )
+            spec = CallSpec(token_num=tokens, oneshot=oneshot, launch=lc, eps=shape.rms_eps, dtype=shape.dtype,
+                            phase=phase, seq=seq, graph=graph)
             record.update(oneshot=oneshot, grid=lc.grid, block=lc.block, cluster=lc.cluster, ws=ws_id)
+            if graph:
+                record["graph"] = True
+            call_args = getattr(backend, "call_args", None)  # the arguments actually passed to the launcher
+            if call_args is not None:
+                record["args"] = call_args(spec)
             log.emit("launch", **record)
-            spec = CallSpec(token_num=tokens, oneshot=oneshot, launch=lc, eps=shape.rms_eps, dtype=shape.dtype)
+            cupti_trace.set_call(seq, graph)
             res_out, norm_out = backend.fused(x, res, gamma, spec)
         else:
             log.emit("launch", **record)
+            cupti_trace.set_call(seq, graph)
             res_out, norm_out = backend.unfused(x, res, gamma, shape.rms_eps)
+        if os.environ.get("VDIAG_CHECK", "1") == "0":  # checking off: bench/run_bench.py measures its cost
+            log.emit("result", seq=seq, ok=True, kind="unchecked")
+            return
         r = checking.check(res_out, norm_out, group=me.pp_stage, tp=tp, n_groups=pp, call=call,
                            eps=shape.rms_eps, dtype=dtype_check)
         if not r.ok:
@@ -185,10 +215,10 @@ def run_rank(run_dir: Path, rank: int) -> int:
         log.emit("result", seq=seq, ok=r.ok, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
                  first_wrong=r.first_wrong, kind=r.kind, detail=r.detail)
 
-    def forward(phase: str, size: int) -> None:
+    def forward(phase: str, size: int, graph: bool = False) -> None:
         for layer in range(shape.num_layers):
-            one_call(phase, size, layer, 0)
-            one_call(phase, size, layer, 1)
+            one_call(phase, size, layer, 0, graph)
+            one_call(phase, size, layer, 1, graph)
 
     try:
         log.emit("phase", phase="profile", size=sc.capture.max_num_batched_tokens)
@@ -199,7 +229,7 @@ def run_rank(run_dir: Path, rank: int) -> int:
             log.emit("phase", phase="capture", index=i, total=len(capture_sizes), size=size)
             for _ in range(sc.capture.warmup_steps):
                 forward("capture", size)
-            forward("capture", size)  # the captured run, replayed once
+            forward("capture", size, graph=True)  # the captured run: a CUDA graph on GPU backends, replayed once
         log.emit("phase", phase="capture", index=len(capture_sizes), total=len(capture_sizes))
         log.emit("phase", phase="finish")
         dist.barrier()

@@ -113,7 +113,11 @@ def resolve_backend(sc: Scenario) -> tuple[Scenario, list[str]]:
         )
     if sc.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise EnvironmentProblem(f"scenario {sc.name}: engine: vllm needs vLLM; run `pip install -e .[vllm]`")
-    return sc.model_copy(update={"backend": backend}), notes
+    update: dict[str, Any] = {"backend": backend}
+    if backend in ("flashinfer", "nccl") and n_gpus > 0:
+        # The real kernel runs at the real shape: the payload is the full hidden width, every element checked.
+        update["sim"] = sc.sim.model_copy(update={"payload_width": None})
+    return sc.model_copy(update=update), notes
 
 
 def _collect(
@@ -131,13 +135,15 @@ def _collect(
     env = EnvInfo()
     scenario_yaml = run_dir.scenario_yaml.read_text()
     jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, scenario_yaml)}
+    from repro.collectors.coredump import AUTO_GPU_STATE
+    from repro.collectors.gpu import collect_gpu_attach
+
+    gpu_state = AUTO_GPU_STATE if opts.gpu_state == "auto" else opts.gpu_state  # attach|coredump|both|none
+    on_gpu = sc.backend in ("flashinfer",) or (sc.backend == "nccl" and gpu_count() > 0)
+    busy = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
     if wd.is_hang and alive:
         jobs["stacks"] = lambda: collect_stacks(alive, run_dir)
-        on_gpu = sc.backend in ("flashinfer",) or (sc.backend == "nccl" and gpu_count() > 0)
-        if on_gpu and opts.gpu_state in ("auto", "attach"):
-            from repro.collectors.gpu import collect_gpu_attach
-
-            busy = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
+        if on_gpu and gpu_state in ("attach", "both"):
             jobs["gpu"] = lambda: collect_gpu_attach(busy, run_dir)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
@@ -159,7 +165,34 @@ def _collect(
             elif name == "gpu":
                 gpu, r = res
                 runs.extend(r)
+    if wd.is_hang and alive and on_gpu and gpu_state in ("coredump", "both"):
+        # Destructive (the dumped processes die): only now that every other collector has finished.
+        from repro.collectors.coredump import collect_gpu_coredump
+
+        dumped, r = collect_gpu_coredump(busy, run_dir)
+        gpu.extend(dumped)
+        runs.extend(r)
+        have = {g.rank for g in dumped}
+        fallback = {k: p for k, p in busy.items() if k not in have and _alive(p)}
+        if opts.gpu_state == "auto" and fallback:  # the dump failed but the process lives: attach instead
+            attached, r = collect_gpu_attach(fallback, run_dir)
+            gpu.extend(attached)
+            runs.extend(r)
     return stacks, gpu, runs, env
+
+
+def gpu_state_notes(gpu: list[GpuState], runs: list[CollectorRun]) -> list[str]:
+    """Which source gave the GPU state, with its time (issue 11: attach vs core dump)."""
+    out = []
+    for src in sorted({g.source for g in gpu}):
+        got = sorted(g.rank for g in gpu if g.source == src)
+        secs = [g.seconds for g in gpu if g.source == src]
+        out.append(f"GPU state from {src} for ranks {','.join(map(str, got))} "
+                   f"({min(secs):.1f}-{max(secs):.1f} s per rank)")
+    dumps = [c for c in runs if c.name == "cuda core dump" and c.ok]
+    if dumps:
+        out.append("the CUDA core dump ended the dumped processes (taken last); dumps kept under gpu/core.*")
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -234,7 +267,12 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     sweep_shm()  # names left by vdiag processes that no longer exist
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
-    launch = Launch(run_dir, world, node=opts.node, extra_env=dict(opts.extra_env))
+    extra_env = dict(opts.extra_env)
+    if sc.backend in ("flashinfer", "nccl") and gpu_count() > 0 and opts.gpu_state != "none":
+        from repro.collectors.gpu import coredump_env
+
+        extra_env = {**coredump_env(run_dir), **extra_env}  # pipes and dumps under the run folder
+    launch = Launch(run_dir, world, node=opts.node, extra_env=extra_env)
     first_rank = opts.node.node_rank * launch.nproc_per_node
     local_ranks = list(range(first_rank, first_rank + launch.nproc_per_node))
     wd_verdict: WatchdogVerdict | None = None
@@ -274,11 +312,23 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     tp, pp = sc.parallel.tp, sc.parallel.pp
     analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
                        pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc)
+    from repro.cupti_trace import cupti_findings
+
+    cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs)
+    if cupti_checks:  # launches the driver saw, against the computed launch configurations
+        analysis = analysis.model_copy(update={"grid_checks": [*analysis.grid_checks, *cupti_checks]})
+    notes.extend(cupti_notes)
+    notes.extend(gpu_state_notes(gpu, runs))
     any_wrong = bool(analysis.corruption)
     code = exit_code_for(wd_verdict, any_wrong)
     if interrupted:
         notes.append("the run was interrupted (Ctrl-C); the report holds what was collected until then")
     placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
+    if sc.backend != "sim":
+        from repro.backends.gpu_reference import placement_text
+
+        placement = placement_text({r: (lg.hello.device, None) for r, lg in logs.items() if lg.hello},
+                                   sc.backend, sc.fusion.workspace_group, sc.fusion_enabled())
     if node_info is not None:
         from repro.merge import node_note
 

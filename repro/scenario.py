@@ -7,6 +7,7 @@ the capture sizes, the backend, and optional injected faults.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -272,7 +273,7 @@ class Scenario(_Strict):
                         f"faults[{i}].ranks: rank {r} does not exist; tp x pp = {world} ranks (0..{world - 1})"
                     )
         if self.capture.sizes != "default" and not self.capture.sizes:
-            raise ValueError("capture.sizes is empty; give at least one size or 'default'")
+            raise ValueError("capture.sizes: empty; give at least one size or 'default'")
         return self
 
     # ---- derived facts -------------------------------------------------------------------------
@@ -382,12 +383,20 @@ def _loc_text(loc: Iterable[int | str]) -> str:
 def _fmt_error(path: str, root: yaml.Node | None, err: dict[str, Any]) -> str:
     loc = [p for p in err.get("loc", ()) if not (isinstance(p, str) and ("function" in p or p in ("str", "dict")))]
     node = _node_at(root, loc)
-    line = col = 0
+    line = col = 1
     if node is not None:
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
+    if m and not loc:
+        # a cross-field check names its own field path: locate that node
+        loc = [int(x) if x.isdigit() else x for x in re.findall(r"[A-Za-z_]\w*|\d+", m.group(1))]
+        msg = m.group(2)
+        node = _node_at(root, loc)
+        if node is not None:
+            line, col = node.start_mark.line + 1, node.start_mark.column + 1
     if err.get("type") == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         msg = f"got {err.get('input')!r}; allowed values: {expected}"

@@ -44,9 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(FAULTHANDLER_SIGNAL, file=fh, all_threads=True, chain=False)
     faulthandler.enable(file=err)
 
+    from repro import cupti_trace
+
+    if cupti_trace.enabled():  # VDIAG_CUPTI=1: launch configurations from the driver, before each launch
+        reason = cupti_trace.start_in_worker(run_dir, rank)
+        if reason:
+            print(f"vdiag: {reason}", file=sys.stderr, flush=True)
+
     from repro.replay import run_rank
 
-    return run_rank(run_dir, rank)
+    try:
+        return run_rank(run_dir, rank)
+    finally:
+        cupti_trace.stop()
 
 
 if __name__ == "__main__":

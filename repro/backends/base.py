@@ -34,6 +34,9 @@ class CallSpec:
     launch: LaunchConfig
     eps: float
     dtype: str
+    phase: str = ""  # workspace | profile | warmup | capture
+    seq: int = -1  # the replay's call sequence number (matches the launch record)
+    graph: bool = False  # the capture loop's captured run: GPU backends capture a CUDA graph and replay it
 
 
 class Backend(Protocol):

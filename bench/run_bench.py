@@ -1,0 +1,351 @@
+"""vdiag's benchmarks (`make bench`): real `vdiag run` processes, timed from their own records.
+
+    python bench/run_bench.py --out bench/results [--only seed,latency,scale,checking] [--keep-runs]
+
+Writes one JSON file per benchmark into --out, plus summary.json with each target and whether it was met.
+Every file records the machine (CPU count and model, memory), the date and the git HEAD commit.
+
+| benchmark | issue | what | target |
+|---|---|---|---|
+| seed | 2 | the seed scenario (80 layers, 51 sizes), 3 runs: start -> last progress, start -> verdict | verdict < 20 s |
+| latency | 3 | missing peer at 4, 8, 16 ranks: verdict - stall, verdict -> complete report | <= 3 s; <= 10 s at 8 |
+| scale | 7 | missing peer at 8, 16, 32, 64 ranks (hidden 1024): detection, report time, report.md size | sub-linear; < 65,000 chars |
+| checking | 9 | a clean seed-sized run (16 layers) with result checking on and off (VDIAG_CHECK=0) | <= 5 % per call |
+
+Times come from the run's own records: `t0` is when the bench started `vdiag run` (wall clock), the
+watchdog's `last_progress_t` and `verdict_t` are wall times, and the report's completion is the mtime of
+report.md. Failures (a wrong verdict, a timeout, a crash) are recorded as such, never dropped.
+This file is not collected by `make test` (it lives outside tests/ and is not named test_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "scenarios"
+SEED = SCENARIOS / "llama70b-pp2-tp2-fusion.yaml"
+TPGROUP = SCENARIOS / "llama70b-pp2-tp2-fusion-tpgroup.yaml"
+MISSING_PEER = SCENARIOS / "mech-missing-peer.yaml"
+
+SCALE_YAML = """\
+name: bench-scale-{world}
+description: missing peer (rank 1's workspace fails) at {world} ranks, small model shape, for issue 7
+model: {{hidden_size: 1024, num_layers: 1}}
+parallel: {{tp: 2, pp: {pp}}}
+capture: {{sizes: [8]}}
+fusion: {{allreduce_rms: "on", oneshot: vllm, workspace_group: tp}}
+backend: sim
+faults:
+  - kind: workspace_fail
+    rank: 1
+expect: hang
+"""
+
+
+# ---- the machine --------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    head = ""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "nproc": os.cpu_count(), "cpu_model": model or platform.processor(), "mem_gib": mem_gib,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_head": head,
+        "note": "git_head is the commit checked out; the working tree may hold uncommitted changes",
+    }
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+
+def vdiag() -> list[str]:
+    exe = Path(sys.executable).with_name("vdiag")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "repro.cli"]
+
+
+def run_once(scenario: Path, reports: Path, sets: list[str] | None = None, env: dict[str, str] | None = None,
+             timeout: float = 900) -> dict[str, Any]:
+    """One `vdiag run`, and the timings its records give. Never raises for a failed run."""
+    reports.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in reports.iterdir()}
+    cmd = [*vdiag(), "run", str(scenario), "--reports", str(reports), "--no-live", "--quiet"]
+    for s in sets or []:
+        cmd += ["--set", s]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env={**os.environ, **(env or {})})
+        rc, stderr = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, stderr = None, (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")
+    t_end = time.time()
+    out: dict[str, Any] = {"scenario": str(scenario.relative_to(ROOT) if scenario.is_relative_to(ROOT) else
+                                           scenario.name),
+                           "set": sets or [], "env": env or {}, "exit_code": rc, "wall_s": round(t_end - t0, 2)}
+    new = sorted(p for p in reports.iterdir() if p.name not in before and p.is_dir())
+    if not new or not (new[-1] / "report.json").exists():
+        out["error"] = "no report written" + (" (timed out)" if rc is None else "") + ": " + stderr.strip()[-800:]
+        return out
+    run_dir = new[-1]
+    rep = json.loads((run_dir / "report.json").read_text())
+    wd = rep["watchdog"]
+    md_path = run_dir / "report.md"
+    report_t = md_path.stat().st_mtime
+    lp = wd.get("last_progress_t")
+    out.update({
+        "run_dir": str(run_dir),
+        "world_size": rep["world_size"],
+        "verdict_class": wd["cls"],
+        "busy_ranks": wd["busy_ranks"],
+        "top_hypothesis": rep["analysis"]["verdict"].get("top_hypothesis", ""),
+        "stall_s": wd["stall_s"],
+        "start_to_watchdog_s": round(wd["started_t"] - t0, 2),
+        "start_to_last_progress_s": round(lp - t0, 2) if lp else None,
+        "start_to_verdict_s": round(wd["verdict_t"] - t0, 2),
+        "watchdog_to_verdict_s": round(wd["verdict_t"] - wd["started_t"], 2),
+        "detection_s": round(wd["verdict_t"] - lp, 2) if lp else None,
+        "detection_after_stall_s": round(wd["verdict_t"] - lp - wd["stall_s"], 2) if lp else None,
+        "verdict_to_report_s": round(report_t - wd["verdict_t"], 2),
+        "verdict_to_exit_s": round(t_end - wd["verdict_t"], 2),
+        "report_md_chars": len(md_path.read_text()),
+        "report_json_bytes": (run_dir / "report.json").stat().st_size,
+        "collectors": [{"name": c["name"], "rank": c.get("rank"), "ok": c["ok"], "s": round(c["seconds"], 2)}
+                       for c in rep.get("collectors", [])],
+    })
+    pyspy = [c["seconds"] for c in rep.get("collectors", []) if c["name"] == "py-spy"]
+    if pyspy:
+        out["py_spy_s"] = {"n": len(pyspy), "max": round(max(pyspy), 2), "sum": round(sum(pyspy), 2)}
+    md = md_path.read_text()
+    for line in md.splitlines():
+        if "<summary>Stacks" in line:
+            out["stacks_summary"] = line.strip()
+    return out
+
+
+def _cleanup(runs: list[dict[str, Any]], keep: bool) -> None:
+    if keep:
+        return
+    for r in runs:
+        if r.get("run_dir"):
+            shutil.rmtree(r["run_dir"], ignore_errors=True)
+            r["run_dir_removed"] = True
+
+
+# ---- the benchmarks ------------------------------------------------------------------------------------
+
+
+def bench_seed(work: Path, keep: bool, repeat: int = 3) -> dict[str, Any]:
+    runs = [run_once(SEED, work / "seed") for _ in range(repeat)]
+    _cleanup(runs, keep)
+    ok = [r for r in runs if r.get("start_to_verdict_s") is not None]
+    verdicts = [r["start_to_verdict_s"] for r in ok]
+    return {
+        "issue": 2, "what": "seed scenario (llama-3.1-70b, 80 layers, 51 sizes, PP=2 TP=2, fusion on) to the stall",
+        "target": "start -> verdict < 20 s", "runs": runs,
+        "start_to_last_progress_s": [r.get("start_to_last_progress_s") for r in runs],
+        "start_to_verdict_s": verdicts,
+        "median_start_to_verdict_s": statistics.median(verdicts) if verdicts else None,
+        "met": bool(verdicts) and len(ok) == len(runs) and max(verdicts) < 20.0
+        and all(r["verdict_class"] in ("spin-deadlock", "all-spinning", "host-wait") for r in ok),
+    }
+
+
+def bench_latency(work: Path, keep: bool) -> dict[str, Any]:
+    rows = []
+    for pp in (2, 4, 8):
+        sets = [f"parallel.pp={pp}", "model.num_layers=2", "capture.sizes=[16, 8]", "backend=sim"]
+        r = run_once(MISSING_PEER, work / "latency", sets)
+        r["ranks"] = 2 * pp
+        rows.append(r)
+    _cleanup(rows, keep)
+    at8 = next((r for r in rows if r["ranks"] == 8), {})
+    det_ok = all(r.get("detection_after_stall_s") is not None and r["detection_after_stall_s"] <= 3.0 for r in rows)
+    rep_ok = at8.get("verdict_to_report_s") is not None and at8["verdict_to_report_s"] <= 10.0
+    return {
+        "issue": 3, "what": "detection latency and verdict -> complete report, missing peer (tp=2 x pp=2/4/8)",
+        "target": "verdict - stall <= 3 s at every size; verdict -> report <= 10 s at 8 ranks",
+        "runs": rows,
+        "table": [{k: r.get(k) for k in ("ranks", "verdict_class", "stall_s", "detection_s",
+                                         "detection_after_stall_s", "verdict_to_report_s", "report_md_chars")}
+                  for r in rows],
+        "met_detection": det_ok, "met_report": rep_ok, "met": det_ok and rep_ok,
+    }
+
+
+def bench_scale(work: Path, keep: bool, sizes: list[int]) -> dict[str, Any]:
+    rows = []
+    for world in sizes:
+        sc = work / f"scale-{world}.yaml"
+        sc.write_text(SCALE_YAML.format(world=world, pp=world // 2))
+        r = run_once(sc, work / "scale", timeout=900)
+        r["ranks"] = world
+        r["settings"] = "defaults"
+        rows.append(r)
+        if r.get("verdict_class") != "spin-deadlock" or r.get("busy_ranks") != [0]:
+            # Honest record of the failure above, then once more with a generous watchdog.
+            g = run_once(sc, work / "scale", sets=["watchdog.floor_s=30"], timeout=900)
+            g["ranks"] = world
+            g["settings"] = "watchdog.floor_s=30"
+            rows.append(g)
+    _cleanup(rows, keep)
+    good = [r for r in rows if r.get("verdict_class") == "spin-deadlock" and r.get("settings") == "defaults"]
+    by_world = {r["ranks"]: r for r in good}
+    growth = None
+    if len(by_world) >= 2:
+        lo, hi = min(by_world), max(by_world)
+        a, b = by_world[lo]["verdict_to_report_s"], by_world[hi]["verdict_to_report_s"]
+        growth = {"from_ranks": lo, "to_ranks": hi, "rank_ratio": hi / lo,
+                  "report_time_ratio": round(b / a, 2) if a else None}
+    at64 = next((r for r in rows if r["ranks"] == 64 and r.get("report_md_chars")), {})
+    sub_linear = growth is not None and growth["report_time_ratio"] is not None and \
+        growth["report_time_ratio"] < growth["rank_ratio"]
+    size_ok = bool(at64) and at64["report_md_chars"] < 65_000
+    return {
+        "issue": 7, "what": "missing peer at 8-64 ranks on the CPU (sim, hidden 1024, 1 layer, size 8)",
+        "target": "verdict -> report grows sub-linearly with the rank count; report.md < 65,000 chars at 64 ranks",
+        "runs": rows,
+        "table": [{k: r.get(k) for k in ("ranks", "settings", "verdict_class", "busy_ranks", "start_to_verdict_s",
+                                         "detection_s", "detection_after_stall_s", "verdict_to_report_s",
+                                         "report_md_chars", "py_spy_s", "stacks_summary", "error")}
+                  for r in rows],
+        "report_time_growth": growth, "met_sub_linear": sub_linear, "met_size": size_ok,
+        "met": sub_linear and size_ok and len(good) == len(sizes),
+    }
+
+
+def _per_call(run_dir: Path) -> dict[str, float]:
+    """Mean seconds per call (launch -> result) over every rank, and the replay's span per call."""
+    durations: list[float] = []
+    spans: list[float] = []
+    for log in sorted((run_dir / "launch").glob("rank*.jsonl")):
+        launched: dict[int, float] = {}
+        first = last = None
+        n = 0
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("ev") == "launch":
+                launched[e["seq"]] = e["t"]
+                first = e["t"] if first is None else first
+            elif e.get("ev") == "result" and e["seq"] in launched:
+                durations.append(e["t"] - launched.pop(e["seq"]))
+                last = e["t"]
+                n += 1
+        if first is not None and last is not None and n:
+            spans.append((last - first) / n)
+    return {"mean_call_s": statistics.fmean(durations) if durations else float("nan"),
+            "span_per_call_s": statistics.fmean(spans) if spans else float("nan"),
+            "calls": len(durations)}
+
+
+def bench_checking(work: Path, keep: bool, repeat: int = 3) -> dict[str, Any]:
+    sets = ["model.num_layers=16", "backend=sim"]
+    runs: list[dict[str, Any]] = []
+    for _ in range(repeat):  # alternate so drift on the machine hits both alike
+        for mode in ("on", "off"):
+            r = run_once(TPGROUP, work / "checking", sets, env={"VDIAG_CHECK": "1" if mode == "on" else "0"})
+            r["checking"] = mode
+            if r.get("run_dir"):
+                r.update(_per_call(Path(r["run_dir"])))
+            runs.append(r)
+    _cleanup(runs, keep)
+
+    def med(mode: str, key: str) -> float | None:
+        vals = [r[key] for r in runs if r["checking"] == mode and isinstance(r.get(key), float)]
+        return statistics.median(vals) if vals else None
+
+    on_call, off_call = med("on", "mean_call_s"), med("off", "mean_call_s")
+    on_span, off_span = med("on", "span_per_call_s"), med("off", "span_per_call_s")
+    overhead = (on_call - off_call) / off_call * 100 if on_call and off_call else None
+    span_over = (on_span - off_span) / off_span * 100 if on_span and off_span else None
+    clean = all(r.get("verdict_class") in ("clean", "slow") for r in runs)
+    return {
+        "issue": 9, "what": "result checking cost on a clean seed-sized sim run (tpgroup scenario, 16 layers)",
+        "target": "<= 5 % wall time per call", "runs": runs,
+        "median_call_s": {"on": on_call, "off": off_call}, "median_span_per_call_s": {"on": on_span, "off": off_span},
+        "overhead_per_call_pct": round(overhead, 2) if overhead is not None else None,
+        "overhead_span_pct": round(span_over, 2) if span_over is not None else None,
+        "all_clean": clean,
+        "met": clean and span_over is not None and span_over <= 5.0,
+    }
+
+
+BENCHES = ("seed", "latency", "scale", "checking")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    ap.add_argument("--scale-ranks", default="8,16,32,64")
+    ap.add_argument("--keep-runs", action="store_true", help="keep the run folders (under --out/runs)")
+    args = ap.parse_args(argv)
+    wanted = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = set(wanted) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "runs" if args.keep_runs else Path(tempfile.mkdtemp(prefix="vdiag-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    summary: dict[str, Any] = {"machine": info, "benchmarks": {}}
+    try:
+        for name in wanted:
+            t0 = time.monotonic()
+            print(f"bench {name}...", file=sys.stderr, flush=True)
+            if name == "seed":
+                res = bench_seed(work, args.keep_runs)
+            elif name == "latency":
+                res = bench_latency(work, args.keep_runs)
+            elif name == "scale":
+                res = bench_scale(work, args.keep_runs, [int(x) for x in args.scale_ranks.split(",")])
+            else:
+                res = bench_checking(work, args.keep_runs)
+            res["bench_wall_s"] = round(time.monotonic() - t0, 1)
+            res["machine"] = info
+            (args.out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+            headline = {k: v for k, v in res.items() if k not in ("runs", "machine")}
+            summary["benchmarks"][name] = headline
+            print(f"bench {name}: met={res['met']} ({res['bench_wall_s']} s)", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep_runs:
+            shutil.rmtree(work, ignore_errors=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(args.out / "summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
