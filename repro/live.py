@@ -45,4 +45,4 @@ class LiveView:
                       str(st.wrong) if st.wrong else "", f"{st.cpu_pct:.0f}", pend)
         if len(snap.ranks) > self.max_rows:
             t.caption = f"{len(snap.ranks) - self.max_rows} more ranks not shown"
-        self.live.update(t)
+        self.live.update(t, refresh=True)
