@@ -399,7 +399,7 @@ def make_verdict(
     fp32_acc: bool = True,
 ) -> Verdict:
     top = hyps[0] if hyps and hyps[0].score > 0 else None
-    cause = f" Most likely cause: {top.title.lower()} ({top.status})." if top else ""
+    cause = f" Most likely cause: {top.title[0].lower() + top.title[1:]} ({top.status})." if top else ""
     wrong_ranks = [c.rank for c in corr]
     if wd.cls == "crash":
         c = wd.crashed[0] if wd.crashed else None

@@ -38,7 +38,9 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=4096)
 def _contribution(group: int, tp_rank: int, tp: int, phase: int, tokens: int, width: int) -> np.ndarray:
     e = np.arange(tokens * width, dtype=np.int64).reshape(tokens, width)
-    k = (e * 5 + phase * 3 + tp_rank * 11 + (e // width) * 7) % FRAC_STEPS
+    # a per-element scramble (not linear in e), so a token shift cannot pass for a call shift
+    ke = ((e * 2654435761) % (1 << 32)) >> 13
+    k = (ke + phase * 3 + tp_rank * 5) % FRAC_STEPS
     return _frozen(((group + 1) + k * _frac_unit(tp)).astype(np.float32))
 
 

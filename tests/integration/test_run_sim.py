@@ -171,3 +171,17 @@ def test_narrow_payload_does_not_change_who_hangs(session_reports: Path) -> None
     assert (vf["cls"], vf["spinning"], vf["idle"], vf["call"]) == (vn["cls"], vn["spinning"], vn["idle"], vn["call"])
     assert full.report["payload_width"] == 4096 and narrow.report["payload_width"] == 16
     assert "payload scaled" not in full.markdown and "payload scaled" in narrow.markdown
+
+
+def test_twoshot_divergence_finishes_with_wrong_data_and_is_called_corruption(session_reports: Path) -> None:
+    r = _run(session_reports, "mech-twoshot-divergence")
+    assert r.rc == 1, r.markdown[:2000]
+    a = r.report["analysis"]
+    assert a["verdict"]["cls"] == "corruption"
+    assert r.report["watchdog"]["cls"] in ("clean", "slow")
+    wrong = {c["rank"]: c for c in a["corruption"]}
+    assert set(wrong) == {0, 1}
+    first = wrong[0]["first"]
+    assert (first["phase"], first["size"], first["layer"]) == ("capture", 16, 1)
+    assert a["verdict"]["top_hypothesis"] == "launch-divergence"
+    assert "corruption" in r.markdown.splitlines()[0]

@@ -1,0 +1,472 @@
+"""GPU validation of vdiag (issues 4 and 11): real FlashInfer kernels on a GPU, compared with the sim.
+
+    python gpu/validate.py scenarios --backend flashinfer --out DIR [--only a,b] [--gpu-state both]
+    python gpu/validate.py scenarios --backend sim --out DIR          # the same cases on the CPU sim
+    python gpu/validate.py ptrace --out DIR                           # ptrace refused: core-dump GPU state
+    python gpu/validate.py cupti-bench --out DIR [--repeat 2]         # CUPTI overhead, clean seed replay
+    python gpu/validate.py smoke --out DIR                            # two ranks, matched calls, one hang
+    python gpu/validate.py render DIR...                              # the results table (markdown)
+
+Every case runs the real pipeline in-process (`repro.run.run_scenario`: torchrun workers, watchdog,
+collectors, analysis, report) and appends one JSON line to DIR/results.jsonl: verdict, time to verdict,
+rank roles, top hypothesis, first divergent call, NVML readings (device utilisation, power and SM clock
+from the watchdog; per-process SM utilisation sampled here), the kernel and blocks cuda-gdb showed by
+source (attach, core dump) with their times, and the CUPTI grid checks. `render` joins GPU and sim lines
+by case. `gpu/validate.sh` (make gpu-validate) runs the whole thing on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SC = ROOT / "scenarios"
+
+# Smaller than the shipped scenarios so the whole set fits a 10-minute device call; the sim runs the same.
+# max_num_batched_tokens 4200 keeps the profiling run above vLLM's fusion limit for Llama-70B at TP=2
+# (4096 tokens), so it stays unfused as with the default 8192, at half the host-side cost.
+SEED_SETS = ["model.num_layers=4", "capture.sizes=[64,32,16,8,4,2,1]", "capture.max_num_batched_tokens=4200"]
+MECH_SETS = ["model.num_layers=4", "capture.max_num_batched_tokens=4200"]
+
+
+@dataclass
+class Case:
+    name: str
+    file: str
+    sets: list[str]
+    backend: str = ""  # "" -> the validation's backend
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    Case("seed", "llama70b-pp2-tp2-fusion.yaml", SEED_SETS),
+    Case("seed-tpgroup", "llama70b-pp2-tp2-fusion-tpgroup.yaml", SEED_SETS),
+    Case("mech-token-divergence", "mech-token-divergence.yaml", MECH_SETS),
+    Case("mech-protocol-mismatch", "mech-protocol-mismatch.yaml", MECH_SETS),
+    Case("mech-missing-peer", "mech-missing-peer.yaml", MECH_SETS),
+    Case("mech-workspace-aliasing", "mech-workspace-aliasing.yaml", MECH_SETS),
+    Case("mech-flag-offset", "mech-flag-offset.yaml", MECH_SETS),
+    Case("mech-delay", "mech-delay.yaml", MECH_SETS),
+    Case("seed-auto-nccl", "llama70b-pp2-tp2-fusion-auto.yaml", SEED_SETS, backend="nccl"),
+]
+
+
+def _log(msg: str) -> None:
+    print(f"[validate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- per-process NVML sampling ------------------------------------------------------------------------
+
+
+class ProcSampler:
+    """NVML per-process SM utilisation (nvmlDeviceGetProcessUtilization), every `interval` s, all GPUs.
+    On a shared GPU this is the only NVML reading that tells ranks apart."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int, int, int]] = []  # (t, gpu, pid, sm%)
+        self.stop_ev = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.error = ""
+
+    def __enter__(self) -> ProcSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as e:
+            self.error = f"NVML unavailable: {e}"
+            return self
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        last = 0
+        while not self.stop_ev.wait(self.interval):
+            now_us = int(time.time() * 1e6)
+            for gi, h in enumerate(self.handles):
+                try:
+                    rows = self.nvml.nvmlDeviceGetProcessUtilization(h, last)
+                except Exception as e:  # NOT_FOUND when no sample is new
+                    if "Not Found" not in str(e) and not self.error:
+                        self.error = str(e)
+                    continue
+                for row in rows:
+                    self.samples.append((row.timeStamp / 1e6, gi, int(row.pid), int(row.smUtil)))
+            last = now_us - int(self.interval * 1e6)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_ev.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.nvml.nvmlShutdown()
+
+    def per_pid(self, t_from: float, t_to: float) -> dict[int, float]:
+        by: dict[int, list[int]] = {}
+        for t, _, pid, sm in self.samples:
+            if t_from <= t <= t_to:
+                by.setdefault(pid, []).append(sm)
+        return {p: round(statistics.fmean(v), 1) for p, v in by.items()}
+
+
+# ---- summarising one report -------------------------------------------------------------------------
+
+
+def _first_divergent_call(rep: dict[str, Any]) -> str:
+    a = rep["analysis"]
+    if a.get("divergences"):
+        d = a["divergences"][0]
+        c = d.get("call") or {}
+        return f"{d['field']} at {c.get('phase')} size={c.get('size')} layer={c.get('layer')} sub={c.get('sub')}"
+    if a.get("corruption"):
+        c = a["corruption"][0]
+        f = c.get("first") or {}
+        return f"wrong data ({c['kind']}) first at {f.get('phase')} size={f.get('size')} layer={f.get('layer')} sub={f.get('sub')}"
+    call = a["verdict"].get("call") or {}
+    if call:
+        return f"pending {call.get('phase')} size={call.get('size')} layer={call.get('layer')} sub={call.get('sub')}"
+    return "-"
+
+
+def _kernels(rep: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """source -> rank -> first kernel (name, grid, block, cluster, running blocks) and seconds."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for st in rep.get("gpu", []):
+        k = st["kernels"][0] if st.get("kernels") else {}
+        out.setdefault(st["source"], {})[st["rank"]] = {
+            "kernel": str(k.get("name", "no kernel")).split("(")[0][:160],
+            "grid": k.get("grid"), "block": k.get("block"), "cluster": k.get("cluster"),
+            "running_blocks": k.get("running_blocks"), "seconds": st.get("seconds"),
+            "n_kernels": len(st.get("kernels") or []),
+        }
+    return out
+
+
+def summarize(case: Case, backend: str, rep: dict[str, Any], run_dir: Path, wall: float,
+              sampler: ProcSampler | None) -> dict[str, Any]:
+    wd = rep["watchdog"]
+    v = rep["analysis"]["verdict"]
+    activity = []
+    with contextlib.suppress(OSError):
+        activity = [json.loads(x) for x in (run_dir / "activity.jsonl").read_text().splitlines() if x.strip()]
+    stall_from = (wd.get("last_progress_t") or wd["started_t"]) if wd["cls"] not in ("clean", "slow") else wd["started_t"]
+    window = [s for s in activity if s["t"] >= stall_from and s.get("gpu_util") is not None]
+    nvml: dict[str, Any] = {}
+    if window:
+        nvml = {
+            "device_util_pct": round(statistics.fmean(s["gpu_util"] for s in window), 1),
+            "power_w": round(statistics.fmean(s["gpu_power_w"] for s in window if s.get("gpu_power_w") is not None), 1)
+            if any(s.get("gpu_power_w") is not None for s in window) else None,
+            "sm_clock_mhz": round(statistics.fmean(s["sm_clock_mhz"] for s in window if s.get("sm_clock_mhz")), 0)
+            if any(s.get("sm_clock_mhz") for s in window) else None,
+        }
+    pids = {r["rank"]: r["pid"] for r in rep["ranks"] if r.get("pid")}
+    if sampler is not None:
+        pp = sampler.per_pid(stall_from, wd["verdict_t"])
+        nvml["proc_sm_pct"] = {r: pp.get(p) for r, p in pids.items()}
+        if sampler.error:
+            nvml["proc_error"] = sampler.error[:200]
+    collectors = {}
+    for c in rep.get("collectors", []):
+        if c["name"] in ("cuda-gdb attach", "cuda core dump", "cuda core dump trigger", "py-spy", "py-spy --native"):
+            key = f"{c['name']}:{c.get('rank')}"
+            collectors[key] = {"ok": c["ok"], "s": round(c["seconds"], 2), "error": c.get("error", "")[:160],
+                               "advice": c.get("advice", "")[:160]}
+    kern = _kernels(rep)
+    agree = None
+    if "cuda-gdb attach" in kern and "cuda core dump" in kern:
+        a, d = kern["cuda-gdb attach"], kern["cuda core dump"]
+        both = sorted(set(a) & set(d))
+        agree = bool(both) and all(
+            (a[r]["kernel"], a[r]["grid"], a[r]["block"], a[r]["cluster"]) ==
+            (d[r]["kernel"], d[r]["grid"], d[r]["block"], d[r]["cluster"]) for r in both)
+    cupti = [c for c in rep["analysis"].get("grid_checks", []) if "CUPTI" in c or "call seq" in c]
+    return {
+        "case": case.name, "backend": backend, "scenario": case.file, "sets": case.sets,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir), "wall_s": round(wall, 1), "exit_code": rep["exit_code"],
+        "expect": rep.get("expect"), "verdict": wd["cls"], "headline": v["headline"],
+        "time_to_verdict_s": round(wd["verdict_t"] - wd["started_t"], 1),
+        "stall_to_verdict_s": round(wd["verdict_t"] - wd["last_progress_t"], 1) if wd.get("last_progress_t") else None,
+        "spinning": v.get("spinning", []), "idle": v.get("idle", []),
+        "finished": wd.get("finished_ranks", []),
+        "wrong_ranks": sorted(c["rank"] for c in rep["analysis"].get("corruption", [])),
+        "top_hypothesis": v.get("top_hypothesis", ""), "first_divergent": _first_divergent_call(rep),
+        "placement": rep.get("placement", ""), "nvml": nvml, "gpu_state": kern, "attach_dump_agree": agree,
+        "grid_checks": rep["analysis"].get("grid_checks", []), "cupti_checks": cupti,
+        "collectors": collectors, "notes": rep.get("notes", []),
+        "cpu_pct": wd.get("cpu_pct", {}),
+    }
+
+
+def run_case(case: Case, backend: str, out: Path, gpu_state: str, env: dict[str, str] | None = None,
+             tag: str = "") -> dict[str, Any]:
+    from repro.run import RunOptions, run_scenario
+
+    be = case.backend or backend
+    reports = out / "runs"
+    opts = RunOptions(overrides=[*case.sets, f"backend={be}"], reports_dir=reports, live=False, quiet=True,
+                      gpu_state=gpu_state)
+    saved = {k: os.environ.get(k) for k in {**case.env, **(env or {})}}
+    os.environ.update({**case.env, **(env or {})})
+    t0 = time.monotonic()
+    sampler = ProcSampler() if be != "sim" else None
+    try:
+        with sampler if sampler is not None else contextlib.nullcontext():
+            outcome = run_scenario(SC / case.file, opts)
+    except Exception as e:
+        return {"case": case.name + tag, "backend": be, "error": f"{type(e).__name__}: {e}",
+                "wall_s": round(time.monotonic() - t0, 1)}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    rep = json.loads(outcome.run_dir.report_json.read_text())
+    res = summarize(case, be, rep, outcome.run_dir.root, time.monotonic() - t0, sampler)
+    res["case"] = case.name + tag
+    res["expectation_met"] = outcome.expectation_met
+    return res
+
+
+def _append(out: Path, res: dict[str, Any]) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+    brief = {k: res.get(k) for k in ("case", "backend", "verdict", "time_to_verdict_s", "spinning", "idle",
+                                      "wrong_ranks", "top_hypothesis", "first_divergent", "attach_dump_agree",
+                                      "error", "wall_s")}
+    _log(json.dumps(brief))
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = [c for c in CASES if not args.only or c.name in args.only.split(",")]
+    deadline = time.monotonic() + args.budget_s
+    for case in wanted:
+        if time.monotonic() > deadline:
+            _append(out, {"case": case.name, "backend": args.backend, "error": "skipped: out of time budget"})
+            continue
+        _log(f"case {case.name} ({case.backend or args.backend})")
+        env = {"VDIAG_CUPTI": "1"} if args.cupti and (case.backend or args.backend) != "sim" else None
+        _append(out, run_case(case, args.backend, out, args.gpu_state, env=env))
+    return 0
+
+
+def cmd_ptrace(args: argparse.Namespace) -> int:
+    """A run where ptrace is refused (collectors run as nobody): the GPU state must come from the dump."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    case = next(c for c in CASES if c.name == args.case)
+    env = {"VDIAG_COLLECTOR_PREFIX": "setpriv --reuid=65534 --regid=65534 --clear-groups"}
+    _append(out, run_case(case, "flashinfer", out, "auto", env=env, tag="-ptrace-refused"))
+    return 0
+
+
+def _per_call(run_dir: Path) -> dict[str, float]:
+    """As bench/run_bench.py: mean launch->result per call, and the replay's span per call."""
+    durations: list[float] = []
+    spans: list[float] = []
+    for log in sorted((run_dir / "launch").glob("rank*.jsonl")):
+        if log.name.endswith(".cupti.jsonl"):
+            continue
+        launched: dict[int, float] = {}
+        first = last = None
+        n = 0
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("ev") == "launch":
+                launched[e["seq"]] = e["t"]
+                first = e["t"] if first is None else first
+            elif e.get("ev") == "result" and e["seq"] in launched:
+                durations.append(e["t"] - launched.pop(e["seq"]))
+                last = e["t"]
+                n += 1
+        if first is not None and last is not None and n:
+            spans.append((last - first) / n)
+    return {"mean_call_s": statistics.fmean(durations) if durations else float("nan"),
+            "span_per_call_s": statistics.fmean(spans) if spans else float("nan"), "calls": len(durations)}
+
+
+def cmd_cupti_bench(args: argparse.Namespace) -> int:
+    """CUPTI on/off on a clean GPU replay of the seed shape (workspace over the TP group), alternating."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    case = Case("cupti-bench", "llama70b-pp2-tp2-fusion-tpgroup.yaml",
+                ["model.num_layers=8", "capture.sizes=[64,48,32,24,16,8,4,2,1]",
+                 "capture.max_num_batched_tokens=4200"])
+    runs = []
+    for i in range(args.repeat):
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            res = run_case(case, "flashinfer", out, "none", env={"VDIAG_CUPTI": "1" if mode == "on" else "0"},
+                           tag=f"-{mode}-{i}")
+            if res.get("run_dir"):
+                res.update(_per_call(Path(res["run_dir"])))
+            res["cupti"] = mode
+            runs.append(res)
+            _append(out, res)
+
+    def med(mode: str, key: str) -> float | None:
+        vals = [r[key] for r in runs if r["cupti"] == mode and isinstance(r.get(key), float) and r[key] == r[key]]
+        return statistics.median(vals) if vals else None
+
+    on, off = med("on", "span_per_call_s"), med("off", "span_per_call_s")
+    son, soff = med("on", "mean_call_s"), med("off", "mean_call_s")
+    summary = {
+        "case": "cupti-overhead", "backend": "flashinfer", "span_per_call_s": {"on": on, "off": off},
+        "mean_call_s": {"on": son, "off": soff},
+        "overhead_span_pct": round((on - off) / off * 100, 2) if on and off else None,
+        "overhead_call_pct": round((son - soff) / soff * 100, 2) if son and soff else None,
+        "target": "<= 2 % of wall time per call",
+        "all_clean": all(r.get("verdict") in ("clean", "slow") for r in runs),
+        "cupti_checks": [c for r in runs if r["cupti"] == "on" for c in r.get("cupti_checks", [])][:8],
+    }
+    _append(out, summary)
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """Two ranks on the GPU: FlashInfer's kernel on matched calls (must be right), then the token-count
+    divergence (must hang), both through the real pipeline, with both GPU-state collectors."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    quick = ["model.num_layers=2", "capture.sizes=[32,16,8]", "capture.max_num_batched_tokens=4200"]
+    clean = Case("smoke-clean", "mech-token-divergence.yaml", [*quick, "faults=[]"])
+    _append(out, run_case(clean, "flashinfer", out, "both", env={"VDIAG_CUPTI": "1"} if args.cupti else None))
+    hang = Case("smoke-token-divergence", "mech-token-divergence.yaml", quick)
+    _append(out, run_case(hang, "flashinfer", out, "both", env={"VDIAG_CUPTI": "1"} if args.cupti else None))
+    return 0
+
+
+def cmd_fixtures(args: argparse.Namespace) -> int:
+    """Copy the raw cuda-gdb outputs of every run under DIR/runs into DIR/fixtures (for the parser tests)."""
+    out: Path = args.out
+    dst = out / "fixtures"
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in sorted((out / "runs").glob("*/gpu/rank*.txt")):
+        run = f.parent.parent.name.split("-", 1)[-1]
+        shutil.copy(f, dst / f"{run}.{f.name}")
+        n += 1
+    _log(f"{n} raw cuda-gdb outputs copied to {dst}")
+    return 0
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+
+
+def _roles(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return "error"
+    s = ",".join(map(str, r.get("spinning", []))) or "-"
+    i = ",".join(map(str, r.get("idle", []))) or "-"
+    w = ",".join(map(str, r.get("wrong_ranks", []))) or "-"
+    return f"spin {s} / idle {i} / wrong {w}"
+
+
+def _gpu_cell(r: dict[str, Any]) -> str:
+    parts = []
+    for src, ranks in sorted((r.get("gpu_state") or {}).items()):
+        for rank, k in sorted(ranks.items(), key=lambda kv: int(kv[0])):
+            g = k.get("grid")
+            parts.append(f"r{rank} {src.replace('cuda-gdb ', '').replace('cuda core ', '')}: "
+                         f"`{str(k['kernel']).split('<')[0]}` grid {tuple(g) if g else '-'} "
+                         f"block {tuple(k['block']) if k.get('block') else '-'} "
+                         f"cluster {tuple(k['cluster']) if k.get('cluster') else '-'} "
+                         f"running {k.get('running_blocks')} ({k.get('seconds')} s)")
+    return "<br>".join(parts) or "-"
+
+
+def _nvml_cell(r: dict[str, Any]) -> str:
+    n = r.get("nvml") or {}
+    if not n:
+        return "-"
+    s = f"dev {n.get('device_util_pct')}%, {n.get('power_w')} W, {n.get('sm_clock_mhz')} MHz"
+    if n.get("proc_sm_pct"):
+        s += "; per-process SM " + ", ".join(f"r{k} {v}" for k, v in sorted(n["proc_sm_pct"].items()))
+    return s
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for d in args.dirs:
+        p = Path(d) / "results.jsonl" if Path(d).is_dir() else Path(d)
+        rows += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    gpu = {r["case"]: r for r in rows if r.get("backend") in ("flashinfer", "nccl")}
+    sim = {r["case"]: r for r in rows if r.get("backend") == "sim"}
+    print("| case | GPU verdict (time to verdict) | GPU ranks | sim verdict | sim ranks | mechanism GPU / sim |"
+          " first divergent call GPU / sim | match | NVML during the stall | GPU state (cuda-gdb) |"
+          " attach = dump | CUPTI grids |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, g in gpu.items():
+        s = sim.get(name, {})
+        same = (bool(s) and g.get("verdict") == s.get("verdict") and g.get("spinning") == s.get("spinning")
+                and g.get("top_hypothesis") == s.get("top_hypothesis")
+                and g.get("first_divergent") == s.get("first_divergent"))
+        cupti = g.get("cupti_checks") or []
+        cupti_cell = ("all equal" if cupti and all("DISAGREE" not in c for c in cupti)
+                      else "DISAGREE" if cupti else "-")
+        print(
+            f"| {name} | {g.get('verdict', g.get('error'))} ({g.get('time_to_verdict_s')} s) | {_roles(g)} | "
+            f"{s.get('verdict', '-')} | {_roles(s) if s else '-'} | {g.get('top_hypothesis') or '-'} / "
+            f"{s.get('top_hypothesis') or '-'} | {g.get('first_divergent', '-')} / {s.get('first_divergent', '-')} | "
+            f"{'yes' if same else 'no'} | {_nvml_cell(g)} | {_gpu_cell(g)} | "
+            f"{'-' if g.get('attach_dump_agree') is None else 'yes' if g['attach_dump_agree'] else 'NO'} | {cupti_cell} |"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("scenarios")
+    p.add_argument("--backend", default="flashinfer")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default="")
+    p.add_argument("--gpu-state", default="both")
+    p.add_argument("--cupti", action="store_true")
+    p.add_argument("--budget-s", type=float, default=3600)
+    p.set_defaults(fn=cmd_scenarios)
+    p = sub.add_parser("ptrace")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--case", default="mech-token-divergence")
+    p.set_defaults(fn=cmd_ptrace)
+    p = sub.add_parser("cupti-bench")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repeat", type=int, default=2)
+    p.set_defaults(fn=cmd_cupti_bench)
+    p = sub.add_parser("smoke")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cupti", action="store_true")
+    p.set_defaults(fn=cmd_smoke)
+    p = sub.add_parser("fixtures")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_fixtures)
+    p = sub.add_parser("render")
+    p.add_argument("dirs", nargs="+")
+    p.set_defaults(fn=cmd_render)
+    args = ap.parse_args(argv)
+    rc: int = args.fn(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
