@@ -84,7 +84,8 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(), "cpu_model": model or platform.processor(), "mem_gib": mem_gib,
         "python": platform.python_version(), "platform": platform.platform(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_head": head,
-        "note": "git_head is the commit checked out; the working tree may hold uncommitted changes",
+        "note": "git_head is the commit checked out; the working tree may hold uncommitted changes. "
+                "Each run records the 1-minute load average: other processes on the machine skew its times.",
     }
 
 
@@ -104,6 +105,7 @@ def run_once(scenario: Path, reports: Path, sets: list[str] | None = None, env: 
     cmd = [*vdiag(), "run", str(scenario), "--reports", str(reports), "--no-live", "--quiet"]
     for s in sets or []:
         cmd += ["--set", s]
+    load_before = os.getloadavg()[0]
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -114,7 +116,9 @@ def run_once(scenario: Path, reports: Path, sets: list[str] | None = None, env: 
     t_end = time.time()
     out: dict[str, Any] = {"scenario": str(scenario.relative_to(ROOT) if scenario.is_relative_to(ROOT) else
                                            scenario.name),
-                           "set": sets or [], "env": env or {}, "exit_code": rc, "wall_s": round(t_end - t0, 2)}
+                           "set": sets or [], "env": env or {}, "exit_code": rc, "wall_s": round(t_end - t0, 2),
+                           # other work on the machine skews every time here: the 1-minute load average
+                           "loadavg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
     new = sorted(p for p in reports.iterdir() if p.name not in before and p.is_dir())
     if not new or not (new[-1] / "report.json").exists():
         out["error"] = "no report written" + (" (timed out)" if rc is None else "") + ": " + stderr.strip()[-800:]

@@ -45,6 +45,7 @@ HOST_SITES = {
     "barrier": "the end-of-start-up barrier, waiting for the other ranks",
     "all_gather_object": "the workspace rendezvous (all_gather over the workspace group)",
     "_poll_until_acquired": "FlashInfer's JIT file lock (another process holds the build lock)",
+    "_build_and_load": "a JIT build that holds the build lock and never finishes",
     "cudaDeviceSynchronize": "cudaDeviceSynchronize, waiting for its GPU",
 }
 
@@ -205,7 +206,7 @@ def where_waiting(stack: StackSample | None) -> str:
             return SPIN_SITES[short]
     for f in funcs:
         for key, text in HOST_SITES.items():
-            if key in f:
+            if key in f.rsplit(".", 1)[-1]:
                 return text
     return ""
 
@@ -351,8 +352,15 @@ def weigh(
         for r, s in sorted(sites.items()):
             if s:
                 d6["for"].append(f"rank {r}: {s}")
-        if any("file lock" in s for s in sites.values()):
-            d6["score"] += 2
+    d7 = h("jit-lock", "Start-up lock: FlashInfer's JIT build lock held by a build that never finishes")
+    lock_sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
+    locked = [r for r, w in lock_sites.items() if "JIT" in w]
+    if hang and locked:
+        d7["score"] += 4 if not spinning else 2
+        d7["for"].append(f"{_plural('rank', locked)} wait in or hold FlashInfer's JIT build lock "
+                         "(filelock's _poll_until_acquired under build_and_load), reached from workspace creation")
+    elif hang:
+        d7["against"].append("no stack shows FlashInfer's JIT build lock")
     elif spinning:
         d6["against"].append(f"{_plural('rank', sorted(spinning))} {'is' if len(spinning) == 1 else 'are'} busy: a device-side spin-wait, not only a host wait")
 
@@ -443,6 +451,21 @@ def make_verdict(
     call_txt = _call_text(ev) if ev else "no pending call"
     if wd.cls == "host-wait":
         headline = f"host-wait: all {len(idle)} live ranks idle on the host, none progressing"
+        sites = {r: where_waiting(stacks.get(r)) or "an unknown host wait" for r in idle}
+        by_site: dict[str, list[int]] = defaultdict(list)
+        for r, w in sites.items():
+            by_site[w].append(r)
+        para = (
+            f"All {len(idle)} live ranks are idle on the host and none progresses: "
+            + "; ".join(f"{_plural('rank', rs)} in {w}" for w, rs in by_site.items())
+            + (f". The last calls issued: {call_txt} on {label(focus, tp, pp)}" if ev else
+               ". No rank had reached a collective call")
+            + f". No rank progressed for {wd.stall_s:g} s before the stall was confirmed.{cause}"
+        )
+        if top and top.evidence_for:
+            para += f" Key evidence: {top.evidence_for[0]}"
+        return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
+                       call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "")
     elif wd.cls == "all-spinning":
         headline = f"all-spinning: ranks {_ranks_text(spinning)} busy, none progressing"
     elif wd.cls == "timeout":

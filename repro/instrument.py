@@ -27,6 +27,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -393,23 +394,47 @@ def _wrap_fused(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
 # ---- workspace creation -----------------------------------------------------------------------------
 
 
-def _rendezvous(a: dict[str, Any], legacy: bool) -> tuple[Any, str]:
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def honours_symm_dev_mem(orig: Callable[..., Any]) -> bool:
+    """Whether this FlashInfer's legacy workspace call exchanges handles through `comm_backend` when asked
+    (`use_symm_dev_mem=True`), or always rendezvouses torch symmetric memory over `group` (WORLD when
+    none is given). Read from the function's source; without source, from FlashInfer's version:
+    0.6.3-0.6.8 and 0.6.16+ use SymmDeviceMemory over comm_backend, 0.6.11-0.6.14 always use `group`
+    (read from the wheels' trtllm_ar.py; 0.6.9, 0.6.10 and 0.6.15 were not read and follow their neighbours)."""
+    try:
+        body = inspect.getsource(orig)
+        return "SymmDeviceMemory(" in body
+    except (OSError, TypeError):
+        pass
+    fi = sys.modules.get("flashinfer")
+    version = _version_tuple(str(getattr(fi, "__version__", "")))
+    if not version:
+        return True
+    return not ((0, 6, 10) <= version < (0, 6, 16)) and version >= (0, 6, 0)
+
+
+def _rendezvous(a: dict[str, Any], legacy: bool, symm_dev_mem_ok: bool = True) -> tuple[Any, str]:
     """The group a workspace's buffers are exchanged over, and how that was decided.
 
-    Legacy (`trtllm_create_ipc_workspace_for_all_reduce_fusion`): with `use_symm_dev_mem` the handles go
-    through `comm_backend` (or a TorchDistBackend over `group`); otherwise torch symmetric memory
-    rendezvouses over `group`, WORLD when none is given (FlashInfer 0.6.10-0.6.14 with vLLM 0.22-0.23).
+    Legacy (`trtllm_create_ipc_workspace_for_all_reduce_fusion`): with `use_symm_dev_mem` (where the
+    installed FlashInfer honours it) the handles go through `comm_backend`, or a TorchDistBackend over
+    `group`; otherwise the buffers are rendezvoused over `group`, WORLD when none is given (FlashInfer
+    0.6.11-0.6.14 always: with vLLM 0.22-0.23, which passed no group, that is the aliasing bug).
     Unified (`create_allreduce_fusion_workspace`): the legacy call underneath decides where it is
     recorded; otherwise `comm_backend`'s group, then `group`, then WORLD.
     """
     group = a.get("group")
     known, cb_group = _backend_group(a.get("comm_backend"))
     if legacy:
-        if a.get("use_symm_dev_mem"):
+        if a.get("use_symm_dev_mem") and symm_dev_mem_ok:
             if known:
                 return cb_group, "comm_backend (use_symm_dev_mem=True)"
             return group, "group (use_symm_dev_mem=True, no comm_backend)"
-        return group, "group (torch symmetric memory)" if group is not None else "WORLD (no group given)"
+        why = "" if not a.get("use_symm_dev_mem") else "; this FlashInfer ignores comm_backend here"
+        return group, ("group" if group is not None else "WORLD (no group given)") + why
     if known:
         return cb_group, "comm_backend"
     return group, "group" if group is not None else "WORLD (no group given)"
@@ -438,6 +463,7 @@ def _ws_tensor_key(result: Any) -> int | None:
 def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
     sig = inspect.signature(orig)
     legacy = name == "trtllm_create_ipc_workspace_for_all_reduce_fusion"
+    symm_ok = honours_symm_dev_mem(orig) if legacy else True
 
     @functools.wraps(orig)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -450,7 +476,7 @@ def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
             if not outer:
                 # The unified call underneath: its arguments say where the rendezvous really goes.
                 if legacy and isinstance(inner, dict):
-                    g, how = _rendezvous(a, legacy=True)
+                    g, how = _rendezvous(a, legacy=True, symm_dev_mem_ok=symm_ok)
                     inner.update(group=g, how=how + ", from the trtllm call underneath", tp_size=a.get("tp_size"))
                 out = orig(*args, **kwargs)
                 if legacy and isinstance(inner, dict):
@@ -471,7 +497,7 @@ def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
             finally:
                 _TLS.ws_inner = None
                 with contextlib.suppress(Exception):
-                    _emit_workspace(rec, name, legacy, a, ctx, out, err)
+                    _emit_workspace(rec, name, legacy, a, ctx, out, err, symm_ok)
                 rec.resume_phase()
 
     setattr(wrapper, _WRAPPED_ATTR, True)
@@ -479,12 +505,12 @@ def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _emit_workspace(rec: Recorder, name: str, legacy: bool, a: dict[str, Any], ctx: dict[str, Any], out: Any,
-                    err: str) -> None:
+                    err: str, symm_ok: bool) -> None:
     rank = _dist_rank(rec.rank)
     if "group" in ctx or "how" in ctx:
         group, how = ctx.get("group"), str(ctx.get("how", ""))
     else:
-        group, how = _rendezvous(a, legacy)
+        group, how = _rendezvous(a, legacy, symm_ok)
     rdzv = _group_ranks(group)
     tp_size = int(a.get("tp_size") or a.get("world_size") or ctx.get("tp_size") or rec.tp)
     tp_group = _tp_group(rec, rank)

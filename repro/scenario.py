@@ -210,7 +210,7 @@ class Selector(_Strict):
         )
 
 
-FaultKind = Literal["token_divergence", "protocol_mismatch", "workspace_fail", "flag_offset", "delay"]
+FaultKind = Literal["token_divergence", "protocol_mismatch", "workspace_fail", "flag_offset", "delay", "jit_lock"]
 
 
 class Fault(_Strict):

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# `make gpu-validate`: the whole GPU validation (docs/gpu-validation.md) on a machine with an NVIDIA GPU.
+#
+# Steps (VALIDATE_STEPS, comma-separated; default below): probe, build (or buildbg ... waitbuild to
+# overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, fixtures, sim. Results go to $OUT (default gpu/results): results.jsonl, the run folders (tarred),
+# the raw cuda-gdb outputs, and FlashInfer's built trtllm_comm.so (reuse it with VDIAG_FI_AOT=path).
+#
+# On the lent machine (see /work/shared/gpu/README.md): carry .whl (and .whl-cupti for CUPTI, .fiaot for a
+# prebuilt module); this script unpacks them. Elsewhere: pip install -e .[flashinfer] cupti-python first.
+# NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu/results}
+mkdir -p "$OUT"
+STEPS=${VALIDATE_STEPS:-probe,build,smoke,scenarios,ptrace,cupti,fixtures}
+SCEN_BUDGET=${VALIDATE_SCENARIO_BUDGET_S:-3600}
+ONLY=${VALIDATE_ONLY:-}
+WORK=${VALIDATE_WORK:-/tmp/vdiag-validate}
+mkdir -p "$WORK"
+LOG=$OUT/validate.log
+exec > >(tee -a "$LOG") 2>&1
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+say() { echo "[validate.sh $(date +%H:%M:%S)] $*"; }
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [[ -f .whl/unpack-wheels.sh ]]; then
+  eval "$(bash .whl/unpack-wheels.sh)"
+fi
+if [[ -d .whl-cupti ]]; then  # cupti-python and its CUPTI library, into the same site folder
+  python3 -c "import glob,zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl-cupti/*.whl')+glob.glob('.whl-cupti/*.zip')]"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+# The JIT cache stays outside carried folders so that a warm machine keeps it between calls.
+export FLASHINFER_WORKSPACE_BASE=${VDIAG_FI_WORKSPACE:-$ROOT/.fijit}
+export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/usr/local/cuda/bin:$PATH
+AOT=${VDIAG_FI_AOT:-$ROOT/.fiaot/trtllm_comm.so}
+if [[ -f $AOT ]]; then  # a module built earlier: FlashInfer loads it as an AOT artifact, no JIT build
+  site=$(python3 -c "import flashinfer,os;print(os.path.dirname(flashinfer.__file__))")
+  mkdir -p "$site/data/aot/trtllm_comm" && cp "$AOT" "$site/data/aot/trtllm_comm/trtllm_comm.so"
+  say "using the prebuilt trtllm_comm.so ($AOT)"
+fi
+
+if has probe; then
+  say "probe"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  python3 - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
+p = torch.cuda.get_device_properties(0)
+print("device", p.name, "SMs", p.multi_processor_count, "cc", f"{p.major}.{p.minor}")
+for m in ("flashinfer", "pydantic", "cupti", "pynvml", "cuda.bindings"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "ok"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, e)
+PY
+  cuda-gdb --version | head -2; which setpriv py-spy cuobjdump || true
+fi
+
+build() {
+  say "build: FlashInfer trtllm_comm (JIT, about 6 minutes cold)"
+  local t0=$(date +%s)
+  python3 -c "from flashinfer.comm.trtllm_ar import get_trtllm_comm_module as g; g(); \
+from flashinfer.jit.comm import gen_trtllm_comm_module as s; print('module', s().get_library_path())" \
+    || say "build FAILED"
+  say "build took $(( $(date +%s) - t0 )) s"
+  local so
+  so=$(python3 -c "from flashinfer.jit.comm import gen_trtllm_comm_module as s; print(s().get_library_path())" 2>/dev/null)
+  if [[ -f $so && ! -f $OUT/trtllm_comm.so && $so != */data/aot/* ]]; then cp "$so" "$OUT/trtllm_comm.so"; fi
+  [[ -f $so ]] && cuobjdump --dump-resource-usage "$so" > "$WORK/resource-usage.txt" 2>&1
+}
+if has build; then build; fi
+if has buildbg; then build > "$WORK/build.log" 2>&1 & BUILD_PID=$!; say "build started in the background"; fi
+
+V="python3 gpu/validate.py"
+if has nccl; then  # the unfused reference on CUDA tensors; CUPTI on torch's own kernels
+  say "nccl backend on the GPU"
+  VDIAG_CUPTI=1 VDIAG_CUPTI_FILTER='elementwise|reduce|copy' $V scenarios --backend flashinfer --only seed-auto-nccl \
+    --out "$WORK" --gpu-state both
+fi
+if has waitbuild && [[ -n ${BUILD_PID:-} ]]; then say "waiting for the build"; wait "$BUILD_PID"; cat "$WORK/build.log"; fi
+if has smoke; then say "smoke"; $V smoke --out "$WORK" ${VALIDATE_CUPTI:+--cupti}; fi
+if has scenarios; then
+  say "scenarios (flashinfer, both GPU-state collectors)"
+  $V scenarios --backend flashinfer --out "$WORK" --gpu-state both --budget-s "$SCEN_BUDGET" \
+    ${ONLY:+--only "$ONLY"} ${VALIDATE_CUPTI:+--cupti}
+fi
+if has ptrace; then say "ptrace refused"; $V ptrace --out "$WORK"; fi
+if has cupti; then say "CUPTI overhead"; $V cupti-bench --out "$WORK" --repeat "${VALIDATE_CUPTI_REPEAT:-2}"; fi
+if has sim; then say "the same cases on the sim"; $V scenarios --backend sim --out "$WORK" --gpu-state none ${ONLY:+--only "$ONLY"}; fi
+if has fixtures; then $V fixtures --out "$WORK"; fi
+
+say "packing"
+cp "$WORK/results.jsonl" "$OUT/results.jsonl" 2>/dev/null || true
+for f in resource-usage.txt build.log; do [[ -f $WORK/$f ]] && cp "$WORK/$f" "$OUT/"; done
+# run folders without the core dumps and pipes (the dumps stay in the run folders on the machine)
+tar -C "$WORK" --exclude='core.*' --exclude='pipe.*' -czf "$OUT/runs.tgz" runs fixtures 2>/dev/null || true
+ls -la "$OUT"
+$V render "$WORK" > "$OUT/table.md" 2>/dev/null || true
+say "done"
