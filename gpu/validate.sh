@@ -2,18 +2,23 @@
 # `make gpu-validate`: the whole GPU validation (docs/gpu-validation.md) on a machine with an NVIDIA GPU.
 #
 # Steps (VALIDATE_STEPS, comma-separated; default below): probe, build (or buildbg ... waitbuild to
-# overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, fixtures, sim. Results go to $OUT (default gpu/results): results.jsonl, the run folders (tarred),
-# the raw cuda-gdb outputs, and FlashInfer's built trtllm_comm.so (reuse it with VDIAG_FI_AOT=path).
+# overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, pytest, sim, run, fixtures. Results go to
+# $OUT (default gpu/results): results.jsonl, table.md (the docs' table), the run folders (runs.tgz, without
+# the core dumps), the raw cuda-gdb outputs, and FlashInfer's built trtllm_comm.so.
 #
-# On the lent machine (see /work/shared/gpu/README.md): carry .whl (and .whl-cupti for CUPTI, .fiaot for a
-# prebuilt module); this script unpacks them. Elsewhere: pip install -e .[flashinfer] cupti-python first.
-# NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
+# On the lent single-GPU machine (see /work/shared/gpu/README.md) the whole set takes about 20 minutes, so
+# split it over calls that reuse the build: 1) VALIDATE_STEPS=probe,build,smoke (returns trtllm_comm.so:
+# keep it as .fiaot/trtllm_comm.so and carry it, the module then loads as an AOT artifact, no rebuild);
+# 2) VALIDATE_STEPS=scenarios; 3) VALIDATE_STEPS=ptrace,cupti,pytest,sim,fixtures. Carry .whl, .fiaot and,
+# for CUPTI, .whl-cupti (cupti-python + libcupti only); to stay under 64 MiB move nccl4py and cuda-tile
+# out of .whl (FlashInfer's all-reduce never imports them). Elsewhere: pip install -e .[flashinfer]
+# cupti-python first. NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu/results}
 mkdir -p "$OUT"
-STEPS=${VALIDATE_STEPS:-probe,build,smoke,scenarios,ptrace,cupti,fixtures}
+STEPS=${VALIDATE_STEPS:-probe,build,smoke,scenarios,ptrace,cupti,pytest,sim,fixtures}
 SCEN_BUDGET=${VALIDATE_SCENARIO_BUDGET_S:-3600}
 ONLY=${VALIDATE_ONLY:-}
 WORK=${VALIDATE_WORK:-/tmp/vdiag-validate}
@@ -87,12 +92,19 @@ if has waitbuild && [[ -n ${BUILD_PID:-} ]]; then say "waiting for the build"; w
 if has smoke; then say "smoke"; $V smoke --out "$WORK" ${VALIDATE_CUPTI:+--cupti}; fi
 if has scenarios; then
   say "scenarios (flashinfer, both GPU-state collectors)"
-  $V scenarios --backend flashinfer --out "$WORK" --gpu-state both --budget-s "$SCEN_BUDGET" \
-    ${ONLY:+--only "$ONLY"} ${VALIDATE_CUPTI:+--cupti}
+  $V scenarios --backend flashinfer --out "$WORK" --gpu-state coredump --compare attach \
+    --budget-s "$SCEN_BUDGET" ${ONLY:+--only "$ONLY"}
+  say "one hang with the CUPTI launch trace (core dumps are off under CUPTI: GPU state by attach)"
+  $V scenarios --backend flashinfer --out "$WORK" --gpu-state auto --cupti --tag=-cupti --only mech-token-divergence
 fi
 if has ptrace; then say "ptrace refused"; $V ptrace --out "$WORK"; fi
 if has cupti; then say "CUPTI overhead"; $V cupti-bench --out "$WORK" --repeat "${VALIDATE_CUPTI_REPEAT:-2}"; fi
 if has sim; then say "the same cases on the sim"; $V scenarios --backend sim --out "$WORK" --gpu-state none ${ONLY:+--only "$ONLY"}; fi
+if has run; then  # VALIDATE_RUN: '|'-separated validate.py command lines, each given --out
+  IFS='|' read -ra cmds <<< "${VALIDATE_RUN:-}"
+  for c in "${cmds[@]}"; do say "run: $c"; $V $c --out "$WORK"; done
+fi
+if has pytest; then say "pytest tests/gpu"; python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15; fi
 if has fixtures; then $V fixtures --out "$WORK"; fi
 
 say "packing"

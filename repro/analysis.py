@@ -180,12 +180,21 @@ def _python_functions(s: StackSample) -> list[str]:
     return [f.function for f in th.frames] if th else []
 
 
+def _signature(s: StackSample) -> str:
+    """Python frames of the main thread, innermost first, by function name: same wait, same signature."""
+    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and s.threads:
+        th = s.threads[0]
+    if th is None:
+        return "(no frames)"
+    py = [f.function for f in th.frames if not f.native and f.file.endswith(".py") and not f.function.startswith("0x")]
+    return " <- ".join(py[:8]) or "(no Python frames)"
+
+
 def cluster_stacks(stacks: list[StackSample]) -> list[StackCluster]:
     groups: dict[str, list[StackSample]] = defaultdict(list)
     for s in stacks:
-        py = [f for f in _main_frames(s) if ".py:" in f or "(" not in f][:8]
-        sig = " <- ".join(f.split(" (")[0] for f in py) or "(no frames)"
-        groups[sig].append(s)
+        groups[_signature(s)].append(s)
     if not groups:
         return []
     biggest = max(len(v) for v in groups.values())
@@ -194,6 +203,23 @@ def cluster_stacks(stacks: list[StackSample]) -> list[StackCluster]:
         out.append(StackCluster(signature=sig, ranks=sorted(x.rank for x in ss), top=_main_frames(ss[0])[:12],
                                 odd=len(groups) > 1 and len(ss) < biggest))
     return out
+
+
+GPU_SPIN_SITES = {
+    "oneshot_lamport": SPIN_SITES["_oneshot"],
+    "twoshot_sync": "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
+}
+
+
+def gpu_waiting(g: GpuState | None) -> str:
+    """What a hung kernel on the GPU is waiting in, from cuda-gdb's view of it."""
+    if g is None:
+        return ""
+    for k in g.kernels:
+        for key, text in GPU_SPIN_SITES.items():
+            if key in k.name:
+                return text
+    return ""
 
 
 def where_waiting(stack: StackSample | None) -> str:
@@ -257,7 +283,9 @@ def weigh(
     corr: list[CorruptionFinding],
     stacks: dict[int, StackSample],
     fused: bool,
+    gpu: dict[int, GpuState] | None = None,
 ) -> list[Hypothesis]:
+    gpu = gpu or {}
     hang = wd.is_hang
     spinning = set(wd.busy_ranks)
     fused_calls = any(ev.op == "fused" for lg in logs.values() for ev in lg.launches)
@@ -333,7 +361,8 @@ def weigh(
         d5["score"] += 2
         d5["for"].append(f"{_plural('rank', [c.rank for c in stale])} received data from another call ({stale[0].detail})")
     clean_layout = not tok and not osd and not geo and not alias and not failed
-    lamport_spin = [r for r in spinning if "Lamport" in where_waiting(stacks.get(r))]
+    lamport_spin = [r for r in spinning
+                    if "Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))]
     if hang and clean_layout and fused_calls and lamport_spin:
         d5["score"] += 2
         d5["for"].append(
@@ -432,6 +461,11 @@ def make_verdict(
                 call=call, top_hypothesis=top.key if top else "",
             )
         slow = " Progress stalled and resumed, so this is reported as slow, not hung." if wd.cls == "slow" else ""
+        unchecked = any(x.kind == "unchecked" for lg in logs.values() for x in lg.results)
+        if unchecked:
+            return Verdict(cls=wd.cls, headline=f"{wd.cls}: start-up finished (results not checked)",
+                           paragraph=f"All {len(logs)} ranks finished the start-up. The all-reduce results were not "
+                                     f"checked in this run, so silent corruption cannot be ruled out.{slow}")
         return Verdict(cls=wd.cls, headline=f"{wd.cls}: start-up finished and every checked result was right",
                        paragraph=f"All {len(logs)} ranks finished the replay; every all-reduce result matched the "
                                  f"locally computed expectation.{slow}")
@@ -440,14 +474,19 @@ def make_verdict(
     focus = spinning[0] if spinning else (idle[0] if idle else 0)
     ev = pend.get(focus)
     kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
-    site = where_waiting(stacks.get(focus))
-    who_spin = ", ".join(label(r, tp, pp) for r in spinning) or "no rank"
-    idle_desc = []
+    site = where_waiting(stacks.get(focus)) or gpu_waiting(gpu.get(focus))
+    who_spin = (", ".join(label(r, tp, pp) for r in spinning) if len(spinning) <= 4
+                else _plural("rank", spinning)) or "no rank"
+    idle_sites: dict[str, list[int]] = defaultdict(list)
     for r in idle:
         w = where_waiting(stacks.get(r))
         if logs.get(r) is not None and logs[r].done is not None:
             w = "finished its start-up; " + (w or "waiting on the host")
-        idle_desc.append(f"{label(r, tp, pp)} is idle" + (f" in {w}" if w else ""))
+        idle_sites[w].append(r)
+    idle_desc = []
+    for w, rs in idle_sites.items():
+        who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
+        idle_desc.append(f"{who} {'is' if len(rs) == 1 else 'are'} idle" + (f" in {w}" if w else ""))
     call_txt = _call_text(ev) if ev else "no pending call"
     if wd.cls == "host-wait":
         headline = f"host-wait: all {len(idle)} live ranks idle on the host, none progressing"
@@ -473,10 +512,10 @@ def make_verdict(
     else:
         headline = f"spin-deadlock: {_ranks_text(spinning)} spinning, {_ranks_text(idle)} idle"
     same_call = len({_call_text(pend.get(r)) for r in spinning}) <= 1
-    if spinning and not same_call:
+    if spinning and not same_call and len(spinning) <= 8:
         each = []
         for r in spinning:
-            w = where_waiting(stacks.get(r))
+            w = where_waiting(stacks.get(r)) or gpu_waiting(gpu.get(r))
             k = _kernel_for(pend.get(r), gpu, r, tp, pattern, fp32_acc)
             each.append(f"{label(r, tp, pp)} in {k}" + (f" ({w})" if w else "") + f" at {_call_text(pend.get(r))}")
         lead = "; ".join(each) + (" spin" if len(each) > 1 else " spins")
@@ -519,7 +558,7 @@ def analyze(
     corr = corruption_findings(logs)
     by_rank = {s.rank: s for s in stacks}
     gpu_by_rank = {g.rank: g for g in gpu}
-    hyps = weigh(logs, wd, divs, alias, corr, by_rank, fused)
+    hyps = weigh(logs, wd, divs, alias, corr, by_rank, fused, gpu_by_rank)
     verdict = make_verdict(logs, wd, hyps, corr, by_rank, gpu_by_rank, tp, pp, pattern, fp32_acc)
     checks = grid_cross_checks(logs, gpu_by_rank)
     return Analysis(divergences=divs, aliasing=alias, stack_clusters=cluster_stacks(stacks), corruption=corr,

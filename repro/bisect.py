@@ -58,8 +58,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from repro.errors import EnvironmentProblem, ExitCode, ScenarioError, VdiagError
-from repro.repeat import Judgement, RunRecord, StepPolicy, Verdict, judge, record_of
+from repro.errors import EnvironmentProblem, ExitCode, VdiagError
+from repro.repeat import (
+    Judgement,
+    RunRecord,
+    StepPolicy,
+    Verdict,
+    judge,
+    record_of,
+    rerun_unjudgeable,
+    unjudgeable,
+)
 from repro.tools import ToolResult, ToolTimeout, run_tool, which
 
 Progress = Callable[[str], None]
@@ -226,22 +235,25 @@ def render_markdown(res: BisectResult) -> str:
     lines.append(f"- rule: {res.policy.describe()}")
     lines.append(f"- {res.runs} runs in {len(res.steps)} steps, {_fmt_s(res.seconds)}")
     lines.extend(f"- note: {n}" for n in res.notes)
-    lines += ["", "## Steps", "", f"| # | {what} | verdict | runs | time | why | report |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Steps", "", f"| # | {what} | verdict | runs | started (UTC) | took | why | report |",
+              "|---|---|---|---|---|---|---|---|"]
     i = 0
     for st in res.steps:
         if st.role == "step":
             i += 1
         num = str(i) if st.role == "step" else st.role
         report = ""
-        if st.runs:
-            last = st.runs[-1].report_md
-            report = f"[report]({_rel(last, res.log_dir)})"
+        if len(st.runs) == 1:
+            report = f"[report]({_rel(st.runs[0].report_md, res.log_dir)})"
+        elif st.runs:
+            report = ", ".join(f"[run {i}]({_rel(r.report_md, res.log_dir)})" for i, r in enumerate(st.runs, 1))
         elif st.setup_log:
             report = f"[setup log]({_rel(st.setup_log, res.log_dir)})"
         label = st.label.replace("|", "\\|")
         why = st.reason.replace("|", "\\|").replace("\n", " ")
         runs = ", ".join(r.short() for r in st.runs) or "-"
-        lines.append(f"| {num} | `{label}` | {st.verdict} | {runs} | {st.seconds:.1f} s | {why} | {report} |")
+        started = st.started[11:19] if len(st.started) >= 19 else st.started
+        lines.append(f"| {num} | `{label}` | {st.verdict} | {runs} | {started} | {st.seconds:.1f} s | {why} | {report} |")
     lines.append("")
     if res.mode == "git" and (res.log_dir / "git-bisect.log").exists():
         lines += ["`git bisect log`: [git-bisect.log](git-bisect.log)", ""]
@@ -251,11 +263,12 @@ def render_markdown(res: BisectResult) -> str:
 # ---- shared pieces ----------------------------------------------------------------------------------------
 
 
-def preflight(scenario: Path, overrides: list[str]) -> str:
+def preflight(scenario: Path, overrides: list[str], provides_vllm: bool = False) -> str:
     """Check the scenario and the environment before any step; return the scenario's name.
 
     Raises ScenarioError (exit 2) or EnvironmentProblem (exit 3), so that no setup problem is ever
-    read as a step verdict.
+    read as a step verdict. `provides_vllm`: the code under test brings vLLM (a vLLM checkout, or
+    `--pip vllm`), so vdiag's own environment need not have it for `engine: vllm`.
     """
     import importlib.util
 
@@ -263,9 +276,9 @@ def preflight(scenario: Path, overrides: list[str]) -> str:
     from repro.scenario import load_scenario
 
     sc = load_scenario(scenario, overrides)
-    if sc.engine == "vllm":
-        raise ScenarioError(f"{scenario}: engine: vllm is not available in this build; use engine: replay")
-    resolve_backend(sc)
+    resolve_backend(sc.model_copy(update={"engine": "replay"}))  # backend, GPU, FlashInfer
+    if sc.engine == "vllm" and not provides_vllm and importlib.util.find_spec("vllm") is None:
+        raise EnvironmentProblem(f"scenario {sc.name}: engine: vllm needs vLLM; run `pip install -e .[vllm]`")
     if importlib.util.find_spec("torch") is None:
         raise EnvironmentProblem("torch is not installed in vdiag's environment: run `pip install torch`")
     return sc.name
@@ -385,7 +398,10 @@ class _Stepper:
         def on_run(i: int, rec: RunRecord) -> None:
             self.progress(f"{tag}   run {i}: {rec.short()} ({rec.verdict}, {rec.seconds:.1f} s)")
 
-        j: Judgement = judge(once, self.opts.policy, on_run)
+        def on_retry(rec: RunRecord) -> None:
+            self.progress(f"{tag}   run not judged: {unjudgeable(rec)} ({rec.report_md}); running again")
+
+        j: Judgement = judge(rerun_unjudgeable(once, on_retry=on_retry), self.opts.policy, on_run)
         st = Step(role=role, rev=rev, label=label, verdict=j.verdict, reason=j.reason, runs=j.runs,
                   seconds=round(time.monotonic() - t0, 1), setup_log=setup_log, started=started)
         self.progress(f"{tag} -> {j.verdict} ({j.reason})")
@@ -549,7 +565,7 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
                progress: Progress = lambda _m: None) -> BisectResult:
     """Find the first commit in (good, bad] whose checkout makes the scenario hang. See the module docstring."""
     t0 = time.monotonic()
-    name = preflight(scenario, opts.overrides)
+    name = preflight(scenario, opts.overrides, provides_vllm=True)
     if which("git") is None:
         raise EnvironmentProblem("git not found: install git (e.g. `apt-get install git`)")
     repo = repo.resolve()
@@ -600,7 +616,8 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
         wt.add(good_sha)
         if opts.python_only:
             linked = wt.link_binaries(opts.src_subdir)
-            res.notes.append(f"--python-only: {len(linked)} prebuilt binaries linked from {repo}"
+            res.notes.append(f"--python-only: {len(linked)} prebuilt {'binary' if len(linked) == 1 else 'binaries'} "
+                             f"linked from {repo}"
                              + (f" ({', '.join(linked[:4])}{', ...' if len(linked) > 4 else ''})" if linked else ""))
             if not linked:
                 progress(f"--python-only: no ignored *.so/*.pyd/*.dylib in {repo}; steps run on Python files only")
@@ -807,8 +824,10 @@ def version_env(package: str, version: str, opts: BisectOptions) -> tuple[Path |
 def bisect_pip(scenario: Path, package: str, good: str, bad: str, opts: BisectOptions,
                progress: Progress = lambda _m: None) -> BisectResult:
     """Find the first version in (good, bad] of `package` with which the scenario hangs."""
+    from packaging.utils import canonicalize_name
+
     t0 = time.monotonic()
-    name = preflight(scenario, opts.overrides)
+    name = preflight(scenario, opts.overrides, provides_vllm=canonicalize_name(package) == "vllm")
     progress(f"asking the package index for the versions of {package}")
     versions = list_versions(package, opts)
     gi = _find_version(versions, good, "--good", package)

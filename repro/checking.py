@@ -10,7 +10,8 @@ which is direct evidence of aliased workspaces. The fractional part depends on t
 the element, so a missing, stale (earlier call) or shifted (misaligned token offset) contribution shows
 up as a mismatch there.
 
-Tolerances: fp32 results must match to 1e-4 relative + 1e-5 absolute (the sim and fp32 runs);
+The residual output (all-reduce sum + residual) is checked element by element; the RMSNorm output on
+every 7th element. Tolerances: fp32 results must match to 1e-4 relative + 1e-5 absolute (the sim and fp32 runs);
 bf16/fp16 results to 1.6e-2 relative + 1/32 absolute, about two bf16 ulps at the magnitudes used.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 FRAC_STEPS = 8  # distinct fractional levels per contribution
 PERIOD = 8  # inputs repeat every PERIOD calls
+NORM_STRIDE = 7  # the RMSNorm output is checked on every 7th element
 
 
 def _frac_unit(tp: int) -> float:
@@ -87,9 +89,16 @@ def expected_sum(group: int, tp: int, call: int, tokens: int, width: int) -> np.
 
 
 @lru_cache(maxsize=4096)
-def _expected_outputs(group: int, tp: int, phase: int, tokens: int, width: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _expected_outputs(
+    group: int, tp: int, phase: int, tokens: int, width: int, eps: float, dtype: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Expected residual and norm outputs with their per-element tolerances, cached per call shape."""
+    rtol, atol = tolerance(dtype)
     res_out = _expected_sum(group, tp, phase, tokens, width) + _residual(phase, tokens, width)
-    return _frozen(res_out), _frozen(rms_norm(res_out, gamma(width), eps))
+    norm = rms_norm(res_out, gamma(width), eps)
+    tol_res = (atol + rtol * np.abs(res_out)).astype(np.float32)
+    tol_norm = (atol + 2 * rtol * np.abs(norm)).astype(np.float32)
+    return _frozen(res_out), _frozen(norm), _frozen(tol_res), _frozen(tol_norm)
 
 
 def tolerance(dtype: str) -> tuple[float, float]:
@@ -119,20 +128,24 @@ def check(
 ) -> CheckResult:
     """Check one call's outputs on the rank that received them."""
     tokens, width = residual_out.shape
-    rtol, atol = tolerance(dtype)
-    res = residual(group, call, tokens, width)
-    exp_res_out, exp_norm = _expected_outputs(group, tp, call % PERIOD, tokens, width, eps)
+    exp_res_out, exp_norm, tol_res, tol_norm = _expected_outputs(group, tp, call % PERIOD, tokens, width, eps, dtype)
     obs = residual_out.astype(np.float32, copy=False)
-    err = np.abs(obs - exp_res_out)
-    bad = err > (atol + rtol * np.abs(exp_res_out))
-    if norm_out is not None and not bad.any():
-        nerr = np.abs(norm_out.astype(np.float32) - exp_norm)
-        nbad = nerr > (atol + 2 * rtol * np.abs(exp_norm))
-        if nbad.any():
-            first = int(np.flatnonzero(nbad.reshape(-1))[0])
-            return CheckResult(False, float(nerr.max()), int(nbad.sum()), first, "unknown", "RMSNorm output wrong")
-    if not bad.any():
-        return CheckResult(True, float(err.max()) if err.size else 0.0)
+    err = np.subtract(obs, exp_res_out)
+    np.abs(err, out=err)
+    if (err <= tol_res).all():
+        if norm_out is None:
+            return CheckResult(True)
+        # The all-reduce sum is checked in full above; the norm, computed from it, on every NORM_STRIDE-th
+        # element (a norm over another row's data or a wrong scale changes every element).
+        nerr = np.subtract(norm_out.reshape(-1)[::NORM_STRIDE], exp_norm.reshape(-1)[::NORM_STRIDE])
+        np.abs(nerr, out=nerr)
+        nbad = nerr > tol_norm.reshape(-1)[::NORM_STRIDE]
+        if not nbad.any():
+            return CheckResult(True)
+        first = int(np.flatnonzero(nbad)[0]) * NORM_STRIDE
+        return CheckResult(False, float(nerr.max()), int(nbad.sum()), first, "unknown", "RMSNorm output wrong")
+    res = residual(group, call, tokens, width)
+    bad = err > tol_res
     flat = bad.reshape(-1)
     first = int(np.flatnonzero(flat)[0])
     kind, detail = classify(obs - res, group=group, tp=tp, n_groups=n_groups, call=call, bad=bad, dtype=dtype)

@@ -91,8 +91,7 @@ def _run_repeated(scenario: Path, opts: RunOptions, repeat: int, check_expect: b
     opts.live = False
 
     def on_run(i: int, rec: RunRecord) -> None:
-        err_console.print(f"run {i}/{repeat}: {rec.short()} ({rec.verdict}, {rec.seconds:.1f} s) {rec.report_md}",
-                          markup=False, highlight=False)
+        sys.stderr.write(f"run {i}/{repeat}: {rec.short()} ({rec.verdict}, {rec.seconds:.1f} s) {rec.report_md}\n")
 
     summary = run_repeated(scenario, opts, repeat, err_console, on_run=on_run)
     for rec in summary.runs:

@@ -437,7 +437,7 @@ def compare_rank(rank: int, cupti_recs: list[dict[str, Any]], launches: dict[int
     return out
 
 
-def cupti_findings(run_dir: Path, logs: dict[int, Any]) -> tuple[list[str], list[str]]:
+def cupti_findings(run_dir: Path, logs: dict[int, Any], hang: bool = False) -> tuple[list[str], list[str]]:
     """(launch-configuration checks, report notes) from the ranks' CUPTI files; nothing without files."""
     checks: list[str] = []
     notes: list[str] = []
@@ -462,4 +462,10 @@ def cupti_findings(run_dir: Path, logs: dict[int, Any]) -> tuple[list[str], list
         notes.append(f"{reason} (ranks {','.join(map(str, ranks))}); the run carried on without it")
     if total:
         notes.append(f"CUPTI launch trace: {total} matching kernel launches recorded in launch/rank*.cupti.jsonl")
+        if hang:
+            notes.append(
+                "CUPTI was on: the driver disables user-triggered core dumps and cuda-gdb cannot start CUDA "
+                "debugging in a process with a CUPTI subscriber (measured on the H100), so the hung launches' "
+                "configurations come from the CUPTI records; run without VDIAG_CUPTI for the GPU state"
+            )
     return checks, notes

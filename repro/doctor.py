@@ -389,8 +389,9 @@ def check_cuda_gdb(has_gpu: bool) -> Check:
         return Check("cuda-gdb", "skip", "not installed (it reads GPU kernel state; no GPU here)")
     try:
         res = run_tool([path, "--version"], timeout=30)
-        ver = next((ln.strip() for ln in res.stdout.splitlines() if "cuda-gdb" in ln.lower() or "version" in ln.lower()),
-                   "cuda-gdb")
+        # "NVIDIA (R) cuda-gdb 13.0" (the wrapper may print an "exec: ..." line first)
+        lines = [ln.strip() for ln in res.output.splitlines() if ln.strip() and not ln.startswith("exec:")]
+        ver = next((ln for ln in lines if "cuda-gdb" in ln.lower()), lines[0] if lines else "cuda-gdb")
     except (ToolMissing, ToolTimeout) as e:
         return Check("cuda-gdb", "warn", str(e), INSTALL_ADVICE["cuda-gdb"])
     return Check("cuda-gdb", "ok", f"{ver} ({path})")

@@ -128,18 +128,17 @@ class Recorder:
                 extra["label"] = label
             self.emit("phase", phase=phase, index=index, total=total, size=size, **extra)
 
-    def resume_phase(self) -> None:
-        p = self.progress
+    def resume_phase(self, p: _Progress) -> None:
+        """Back to the phase that was current before a nested one (workspace creation)."""
         self.set_phase(p.phase, index=p.index, total=p.total, size=p.size, label=p.label)
 
     # ---- the device ------------------------------------------------------------------------------
     def device_facts(self) -> DeviceFacts:
         if not self.device_probed:
             self.device_probed = True
+            torch = _torch()
             with contextlib.suppress(Exception):
-                import torch
-
-                if torch.cuda.is_available():
+                if torch is not None and torch.cuda.is_available():
                     props = torch.cuda.get_device_properties(torch.cuda.current_device())
                     self.device = DeviceFacts(
                         sm_count=int(props.multi_processor_count), sm_version=int(props.major) * 10 + int(props.minor),
@@ -258,20 +257,23 @@ def _nested(family: str) -> Iterator[bool]:
         setattr(_TLS, family, d)
 
 
-def _capturing() -> bool:
-    try:
-        import torch
+def _torch() -> Any:
+    """torch if this process has imported it (vLLM has, by the time FlashInfer is called); never imports it."""
+    return sys.modules.get("torch")
 
-        return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+def _capturing() -> bool:
+    torch = _torch()
+    try:
+        return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     except Exception:
         return False
 
 
 def _synchronize() -> bool:
+    torch = _torch()
     try:
-        import torch
-
-        if torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+        if torch is not None and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
             torch.cuda.current_stream().synchronize()
             return True
     except Exception:
@@ -406,7 +408,8 @@ def honours_symm_dev_mem(orig: Callable[..., Any]) -> bool:
     (read from the wheels' trtllm_ar.py; 0.6.9, 0.6.10 and 0.6.15 were not read and follow their neighbours)."""
     try:
         body = inspect.getsource(orig)
-        return "SymmDeviceMemory(" in body
+        if f"def {getattr(orig, '__name__', '')}(" in body:  # the function itself, not a decorator's wrapper
+            return "SymmDeviceMemory(" in body
     except (OSError, TypeError):
         pass
     fi = sys.modules.get("flashinfer")
@@ -485,6 +488,7 @@ def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
                 return out
             ctx: dict[str, Any] = {}
             _TLS.ws_inner = ctx
+            before = rec.progress
             rec.set_phase("workspace")
             err = ""
             out = None
@@ -498,7 +502,7 @@ def _wrap_workspace(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
                 _TLS.ws_inner = None
                 with contextlib.suppress(Exception):
                     _emit_workspace(rec, name, legacy, a, ctx, out, err, symm_ok)
-                rec.resume_phase()
+                rec.resume_phase(before)
 
     setattr(wrapper, _WRAPPED_ATTR, True)
     return wrapper

@@ -365,16 +365,16 @@ def merge_runs(dirs: list[Path], out_base: Path | None = None) -> tuple[RunDir, 
 
 
 def find_node_dirs(reports_dir: Path, info: NodeInfo, window_s: float = 600.0,
-                   collected_only: bool = False) -> dict[int, Path]:
+                   collected_only: bool = False, any_state: bool = False) -> dict[int, Path]:
     """The folders of this job's nodes under reports_dir (same rendezvous id and scenario, started close
     together), the closest in time per node: those with a complete report, or with `collected_only`,
-    those whose collectors have finished."""
+    those whose collectors have finished, or with `any_state`, every one."""
     found: dict[int, tuple[float, Path]] = {}
     for nf in reports_dir.glob(f"*/{NODE_FILE}"):
         other = read_node_info(nf.parent)
         if other is None or other.rdzv_id != info.rdzv_id or other.scenario != info.scenario:
             continue
-        done = other.collected_t > 0 if collected_only else (nf.parent / "report.json").exists()
+        done = any_state or (other.collected_t > 0 if collected_only else (nf.parent / "report.json").exists())
         if abs(other.started_t - info.started_t) > window_s or not done:
             continue
         best = found.get(other.node_rank)
@@ -393,7 +393,11 @@ def other_nodes_collected(reports_dir: Path, info: NodeInfo) -> bool:
 def auto_merge(run_dir: RunDir, info: NodeInfo, reports_dir: Path, wait_s: float) -> tuple[RunDir | None, str]:
     """Node 0: wait up to wait_s for every node's finished folder beside this one, then merge.
 
-    Returns (merged folder or None, a line for the user)."""
+    Returns (merged folder or None, a line for the user). Waits only where the folder is shared: every
+    node writes node.json as soon as its ranks start, so by now a shared folder shows the others."""
+    hint = "copy every node's run folder to one machine and run `vdiag report --merge DIR...`"
+    if not set(find_node_dirs(reports_dir, info, any_state=True)) - {info.node_rank}:
+        return None, f"the other nodes' folders are not under {reports_dir} (not a shared folder): {hint}"
     deadline = time.monotonic() + wait_s
     while True:
         dirs = find_node_dirs(reports_dir, info)
@@ -403,7 +407,7 @@ def auto_merge(run_dir: RunDir, info: NodeInfo, reports_dir: Path, wait_s: float
         time.sleep(0.5)
     if len(dirs) < info.nnodes:
         missing = sorted(set(range(info.nnodes)) - set(dirs))
-        return None, (f"nodes {', '.join(map(str, missing))} wrote no folder under {reports_dir} within {wait_s:g} s: "
-                      "copy every node's run folder to one machine and run `vdiag report --merge DIR...`")
+        return None, (f"nodes {', '.join(map(str, missing))} wrote no report under {reports_dir} within "
+                      f"{wait_s:g} s: {hint}")
     out, _ = merge_runs([dirs[k] for k in sorted(dirs)], out_base=reports_dir)
     return out, f"merged report of all {info.nnodes} nodes: {out.report_md}"

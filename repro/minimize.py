@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 
 from repro.bisect import make_log_dir, preflight
 from repro.errors import ScenarioError
-from repro.repeat import RunRecord, record_of
+from repro.repeat import RunRecord, record_of, rerun_unjudgeable
 from repro.scenario import Scenario, apply_overrides, vllm_default_capture_sizes
 
 Data = dict[str, Any]
@@ -73,7 +74,8 @@ class MinimizeResult:
     attempts: list[Attempt]
     baseline: RunRecord
     seconds: float
-    budget_hit: bool
+    stopped: str  # "" (a fixpoint: 1-minimal), "budget" (--max-runs) or "interrupted" (Ctrl-C)
+    final: RunRecord  # a run of the minimal scenario that reproduced
     runs: int  # the original's run included
 
     def shape(self) -> str:
@@ -237,6 +239,7 @@ class _Search:
         self.log_dir = log_dir
         self.progress = progress
         self.cache: dict[str, bool] = {}
+        self.kept: dict[str, RunRecord] = {}  # a reproducing run of each kept candidate
         self.attempts: list[Attempt] = []
         self.runs = 1  # the baseline
 
@@ -266,14 +269,19 @@ class _Search:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"# {change}\n" + yaml.safe_dump(data, sort_keys=False))
             ro = RunOptions(reports_dir=self.log_dir / "runs", live=False, quiet=True, gpu_state=self.opts.gpu_state)
-            t0 = time.monotonic()
-            outcome = run_scenario(path, ro, Console(file=io.StringIO()))
-            rec = record_of(outcome, time.monotonic() - t0)
+
+            def once(path: Path = path, ro: RunOptions = ro) -> RunRecord:
+                t0 = time.monotonic()
+                return record_of(run_scenario(path, ro, Console(file=io.StringIO())), time.monotonic() - t0)
+
+            rec = rerun_unjudgeable(once)()
             runs.append(rec)
             if self.reproduces(rec):
                 kept = True
                 break
         self.cache[key] = kept
+        if kept:
+            self.kept[key] = runs[-1]
         self.attempts.append(Attempt(change=change, kept=kept, runs=runs))
         self.progress(f"run {self.runs}: {change}: {'still ' + self.family + 's' if kept else 'lost the ' + self.family}"
                       f" ({runs[-1].verdict}, {runs[-1].seconds:.1f} s)")
@@ -343,9 +351,13 @@ def minimize(scenario: Path, opts: MinimizeOptions, progress: Progress = lambda 
     base_path = log_dir / "candidates" / "001.yaml"
     base_path.parent.mkdir(parents=True, exist_ok=True)
     base_path.write_text("# the original\n" + yaml.safe_dump(data, sort_keys=False))
-    t0 = time.monotonic()
     ro = RunOptions(reports_dir=log_dir / "runs", live=False, quiet=True, gpu_state=opts.gpu_state)
-    baseline = record_of(run_scenario(base_path, ro, Console(file=io.StringIO())), time.monotonic() - t0)
+
+    def original() -> RunRecord:
+        t0 = time.monotonic()
+        return record_of(run_scenario(base_path, ro, Console(file=io.StringIO())), time.monotonic() - t0)
+
+    baseline = rerun_unjudgeable(original)()
     fam = _family(baseline)
     if fam is None:
         raise ScenarioError(
@@ -356,7 +368,7 @@ def minimize(scenario: Path, opts: MinimizeOptions, progress: Progress = lambda 
     s = _Search(fam, opts, log_dir, progress)
     s.cache[json.dumps(data, sort_keys=True)] = True
     cur = data
-    budget_hit = False
+    stopped = ""
     try:
         while True:
             before = json.dumps(cur, sort_keys=True)
@@ -365,28 +377,34 @@ def minimize(scenario: Path, opts: MinimizeOptions, progress: Progress = lambda 
             if json.dumps(cur, sort_keys=True) == before:
                 break
     except _Budget:
-        budget_hit = True
+        stopped = "budget"
         progress(f"stopped at --max-runs {opts.max_runs}: the result is smaller but not proven minimal")
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        progress("interrupted: writing the smallest scenario found so far")
     out = opts.out or log_dir / f"{name}-min.yaml"
     minimal = copy.deepcopy(cur)
     minimal["name"] = f"{name}-min"
     minimal["expect"] = fam
     res = MinimizeResult(scenario=str(scenario), family=fam, minimal=minimal, out_path=out, log_dir=log_dir,
                          attempts=s.attempts, baseline=baseline, seconds=round(time.monotonic() - t_start, 1),
-                         budget_hit=budget_hit, runs=s.runs)
+                         stopped=stopped, final=s.kept.get(json.dumps(cur, sort_keys=True), baseline), runs=s.runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_yaml(res))
     (log_dir / "minimize.md").write_text(render_log(res))
+    if stopped == "interrupted":
+        raise KeyboardInterrupt
     return res
 
 
 def render_yaml(res: MinimizeResult) -> str:
-    proof = ("removing any one fault, capture size, layer or rank loses it" if not res.budget_hit
-             else "the search stopped at its run budget, so a smaller one may exist")
+    proof = {"": "removing any one fault, capture size, layer or rank loses it",
+             "budget": "the search stopped at its run budget, so a smaller one may exist",
+             "interrupted": "the search was interrupted, so a smaller one may exist"}[res.stopped]
     head = [
         f"# Minimal reproducer found by `vdiag minimize` from {res.scenario} in {res.runs} runs "
         f"({res.seconds:.0f} s).",
-        f"# It still {'hangs' if res.family == 'hang' else 'gives wrong results'}: {res.baseline.headline}",
+        f"# It still {'hangs' if res.family == 'hang' else 'gives wrong results'}: {res.final.headline}",
         f"# {proof[0].upper() + proof[1:]}.",
         f"# Shape: {res.shape()}.",
         "# Reproduce: vdiag run THIS_FILE",
@@ -399,13 +417,15 @@ def render_log(res: MinimizeResult) -> str:
         f"# vdiag minimize: {Path(res.scenario).stem}", "",
         f"**{res.runs} runs, {res.seconds:.0f} s: {res.shape()}**", "",
         f"- minimal scenario: `{res.out_path}`",
-        f"- original: {res.baseline.verdict} ({res.baseline.report_md})",
+        f"- original: {res.baseline.verdict} ([report]({os.path.relpath(res.baseline.report_md, res.log_dir)}))",
     ]
-    if res.budget_hit:
-        lines.append("- stopped at the run budget (--max-runs): not proven 1-minimal")
+    if res.stopped:
+        lines.append(f"- stopped ({'--max-runs reached' if res.stopped == 'budget' else 'Ctrl-C'}): "
+                     "not proven 1-minimal")
     lines += ["", "| # | change | result | verdict | time | report |", "|---|---|---|---|---|---|"]
     for i, a in enumerate(res.attempts, 2):
         r = a.runs[-1]
+        link = f"[report]({os.path.relpath(r.report_md, res.log_dir)})"
         lines.append(f"| {i} | {a.change} | {'kept (still reproduces)' if a.kept else 'rejected'} | {r.verdict} | "
-                     f"{sum(x.seconds for x in a.runs):.1f} s | {r.report_md} |")
+                     f"{sum(x.seconds for x in a.runs):.1f} s | {link} |")
     return "\n".join(lines) + "\n"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from repro.errors import ExitCode, ScenarioError
+from repro.errors import EnvironmentProblem, ExitCode, ScenarioError
 from repro.run import HANG_CLASSES
 
 if TYPE_CHECKING:
@@ -155,6 +155,8 @@ class RunRecord:
     report_md: str
     seconds: float
     corrupt: bool = False
+    started: bool = True  # some worker reached the replay (said hello); False: torchrun itself failed
+    all_done: bool = False  # every rank logged the end of its start-up
 
     @property
     def hang(self) -> bool:
@@ -180,7 +182,51 @@ def record_of(outcome: RunOutcome, seconds: float) -> RunRecord:
         exit_code=int(outcome.exit_code), verdict=v.cls, headline=v.headline,
         report_md=str(outcome.run_dir.report_md), seconds=round(seconds, 2),
         corrupt=bool(outcome.report.analysis.corruption),
+        started=any(r.pid is not None for r in outcome.report.ranks),
+        all_done=len(outcome.report.watchdog.finished_ranks) >= outcome.report.world_size > 0,
     )
+
+
+START_RETRIES = 2
+
+
+def unjudgeable(rec: RunRecord) -> str:
+    """Why a run says nothing about the code under test ("" when it does)."""
+    if rec.crashed and not rec.started:
+        return "no worker started (torchrun itself failed)"
+    if rec.hang and rec.all_done:
+        return "reported a hang although every rank had finished its start-up (slow process exit)"
+    return ""
+
+
+def rerun_unjudgeable(run_once: Callable[[], RunRecord], retries: int = START_RETRIES,
+                    on_retry: Callable[[RunRecord], None] | None = None) -> Callable[[], RunRecord]:
+    """Run again when a run says nothing about the code under test (see `unjudgeable`).
+
+    - No worker started at all (torchrun's rendezvous failed, a port was taken...): the hook runs only
+      after a worker starts, so this is never the code's fault and must not become a skip. If it
+      persists it is an environment error (exit 3).
+    - The watchdog called a hang after every rank had logged the end of its start-up (the processes
+      were slow to exit on a loaded machine): the start-up did not hang, so the run is not evidence
+      of one. If it persists the run is returned as it is.
+    """
+
+    def once() -> RunRecord:
+        for _ in range(retries):
+            rec = run_once()
+            if not unjudgeable(rec):
+                return rec
+            if on_retry is not None:
+                on_retry(rec)
+        rec = run_once()
+        if rec.crashed and not rec.started:
+            raise EnvironmentProblem(
+                f"torchrun did not start any worker in {retries + 1} tries ({rec.headline}); see "
+                f"{Path(rec.report_md).parent / 'logs' / 'torchrun.log'}"
+            )
+        return rec
+
+    return once
 
 
 @dataclass

@@ -136,6 +136,10 @@ def run_rank(run_dir: Path, rank: int) -> int:
         log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
         return 3
+    if sc.engine == "vllm":  # real vLLM starts here instead of the replay; it sets up torch.distributed itself
+        from repro.engine_vllm import run_rank_vllm
+
+        return run_rank_vllm(run_dir, rank, sc, log)
     pg_backend = host_backend(gpu)  # gloo, or cpu:gloo,cuda:nccl where each rank has its own GPU
     dist.init_process_group(pg_backend, timeout=datetime.timedelta(hours=2))
     groups = {}

@@ -135,16 +135,23 @@ def _collect(
     env = EnvInfo()
     scenario_yaml = run_dir.scenario_yaml.read_text()
     jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, scenario_yaml)}
+    from repro import cupti_trace
     from repro.collectors.coredump import AUTO_GPU_STATE
     from repro.collectors.gpu import collect_gpu_attach
 
     gpu_state = AUTO_GPU_STATE if opts.gpu_state == "auto" else opts.gpu_state  # attach|coredump|both|none
+    if opts.gpu_state == "auto" and cupti_trace.enabled():
+        gpu_state = "attach"  # the driver disables user-triggered core dumps in a process with CUPTI
     on_gpu = sc.backend in ("flashinfer",) or (sc.backend == "nccl" and gpu_count() > 0)
     busy = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
     if wd.is_hang and alive:
-        jobs["stacks"] = lambda: collect_stacks(alive, run_dir)
-        if on_gpu and gpu_state in ("attach", "both"):
-            jobs["gpu"] = lambda: collect_gpu_attach(busy, run_dir)
+        # Native stacks cost ~0.5 CPU-s per rank: take them where the wait is (busy ranks, or every rank
+        # when none is busy), Python-only stacks elsewhere.
+        native = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
+        rest = {r: p for r, p in alive.items() if r not in native}
+        jobs["stacks"] = lambda: collect_stacks(native, run_dir)
+        if rest:
+            jobs["stacks-python"] = lambda: collect_stacks(rest, run_dir, native=False)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
         futs = {name: ex.submit(fn) for name, fn in jobs.items()}
@@ -159,17 +166,24 @@ def _collect(
                 env = res
                 runs.append(CollectorRun(name="environment", ok=True, seconds=round(time.monotonic() - t0, 3),
                                          artifact=str(run_dir.env_json.relative_to(run_dir.root))))
-            elif name == "stacks":
-                stacks, r = res
+            elif name in ("stacks", "stacks-python"):
+                st, r = res
+                stacks.extend(st)
                 runs.extend(r)
-            elif name == "gpu":
-                gpu, r = res
-                runs.extend(r)
+    if wd.is_hang and alive and on_gpu and gpu_state in ("attach", "both"):
+        # After the stacks, never beside them: a process has one ptrace tracer, so py-spy and cuda-gdb
+        # attached at once make one of them fail (seen on the H100).
+        gpu, r = collect_gpu_attach(busy, run_dir)
+        runs.extend(r)
     if wd.is_hang and alive and on_gpu and gpu_state in ("coredump", "both"):
         # Destructive (the dumped processes die): only now that every other collector has finished.
+        # A process cuda-gdb attached to no longer answers the dump pipe (seen on the H100), so "both"
+        # dumps only the ranks the attach could not read.
         from repro.collectors.coredump import collect_gpu_coredump
 
-        dumped, r = collect_gpu_coredump(busy, run_dir)
+        attached_ranks = {g.rank for g in gpu}
+        targets = {k: p for k, p in busy.items() if k not in attached_ranks}
+        dumped, r = collect_gpu_coredump(targets, run_dir)
         gpu.extend(dumped)
         runs.extend(r)
         have = {g.rank for g in dumped}
@@ -245,8 +259,11 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     console = console or Console(stderr=True)
     sc = load_scenario(path, opts.overrides)
     sc, notes = resolve_backend(sc)
-    if sc.engine == "vllm":
-        raise ScenarioError(f"{path}: engine: vllm is not available in this build; use engine: replay")
+    if sc.engine == "vllm":  # real vLLM in every worker (repro/engine_vllm.py, docs/vllm-engine.md)
+        from repro import engine_vllm
+
+        sc, vllm_notes = engine_vllm.prepare(sc, gpu_count(), opts.node.nnodes)
+        notes.extend(vllm_notes)
     world = sc.world_size
     if opts.node.nnodes > 1 and world % opts.node.nnodes:
         raise ScenarioError(
@@ -286,6 +303,10 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     try:
         launch.start()
         if opts.node.multi:  # c10d places nodes by host name, not --node-rank: ask the workers
+            if not opts.quiet:
+                console.print(f"vdiag: node {opts.node.node_rank} of {opts.node.nnodes}: waiting for the other "
+                              f"nodes at {opts.node.rdzv_endpoint} (rendezvous id {opts.node.rdzv_id})",
+                              markup=False, highlight=False)
             local_ranks = discover_local_ranks(run_dir, launch)
             node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name)
         title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
@@ -314,11 +335,17 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
                        pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc)
     from repro.cupti_trace import cupti_findings
 
-    cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs)
+    cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs, hang=wd_verdict.is_hang)
     if cupti_checks:  # launches the driver saw, against the computed launch configurations
         analysis = analysis.model_copy(update={"grid_checks": [*analysis.grid_checks, *cupti_checks]})
     notes.extend(cupti_notes)
     notes.extend(gpu_state_notes(gpu, runs))
+    if sc.engine == "vllm":  # vLLM's version, commit and resolved config, from the workers
+        from repro import engine_vllm
+
+        vllm_notes, vllm_versions = engine_vllm.report_facts(run_dir.root)
+        notes.extend(vllm_notes)
+        env = env.model_copy(update={"versions": {**env.versions, **vllm_versions}})
     any_wrong = bool(analysis.corruption)
     code = exit_code_for(wd_verdict, any_wrong)
     if interrupted:

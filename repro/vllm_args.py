@@ -109,7 +109,7 @@ def detect_api(pkg: Path | None = None) -> VllmApi:
     )
     mode_key = "mode" if _field_declared(comp, "mode") else ("level" if _field_declared(comp, "level") else "mode")
     vcfg = _read(pkg / "config" / "vllm.py")
-    gate = re.search(r"def enable_allreduce_rms_fusion\(.*?(?=\n\S)", vcfg, re.DOTALL)
+    gate = re.search(r"def enable_allreduce_rms_fusion\(.*?(?=\n\S|\Z)", vcfg, re.DOTALL)
     gate_blocks_pp = ("pipeline_parallel_size" in gate.group(0)) if gate else None
     runner = _read(pkg / "v1" / "worker" / "gpu_model_runner.py")
     el_pp = "broadcast_pp_output" in runner if runner else True
@@ -207,7 +207,11 @@ def resolve_executor(sc: Scenario, api: VllmApi) -> tuple[str, list[str]]:
             f"vLLM executor: mp: {api.label()} has no PP output broadcast for external_launcher, so vLLM's own "
             "multiprocessing executor runs the ranks, started from torchrun rank 0 under vdiag's process control"
         ]
-    return "external_launcher", [f"vLLM executor: external_launcher (one vLLM worker per torchrun rank; {api.label()})"]
+    pp_note = ("; PP > 1 runs there: the V1 model runner broadcasts the last stage's output"
+               if sc.parallel.pp > 1 else "")
+    return "external_launcher", [
+        f"vLLM executor: external_launcher (one vLLM worker per torchrun rank; {api.label()}{pp_note})"
+    ]
 
 
 def _check_shape(sc: Scenario, layers: int) -> None:
@@ -249,6 +253,11 @@ def build_plan(sc: Scenario, model_dir: Path, api: VllmApi | None = None) -> Vll
             f"(enable_allreduce_rms_fusion{'' if api.gate_blocks_pp is None else ', which ' + ('turns it off' if api.gate_blocks_pp else 'does not turn it off') + ' for PP > 1'})"
         )
     pass_config = _deep_merge(pass_config, dict(block.get("pass_config") or {}))
+    if sc.fusion.workspace_group != "tp":
+        notes.append(f"fusion.workspace_group: {sc.fusion.workspace_group} is not applied to real vLLM: the "
+                     f"installed vLLM and FlashInfer choose the rendezvous group (the workspace record shows it)")
+    if sc.faults:
+        notes.append(f"faults: {len(sc.faults)} injected fault(s) ignored: engine: vllm runs vLLM unmodified")
 
     cc: dict[str, Any] = {}
     if pass_config:

@@ -246,6 +246,14 @@ class Watchdog:
                 if now - start_mono > self.cfg.max_run_s:
                     return self._verdict("timeout", start_wall, last_progress_wall, thr, slow_resumed,
                                          since=now - 5, note=f"the run exceeded max_run_s={self.cfg.max_run_s:g}")
+                if all(st.done for st in self.ranks.values()):
+                    # every rank finished its start-up; only torchrun's exit is pending
+                    suspected_at = None
+                    if idle_for > 60:
+                        return self._verdict("slow" if slow_resumed else "clean", start_wall, last_progress_wall,
+                                             thr, slow_resumed, since=now - 5, finished=list(self.ranks),
+                                             note="every rank finished, but torchrun did not exit within 60 s")
+                    continue
                 if idle_for >= thr and suspected_at is None:
                     suspected_at = now
                 confirm = min(thr, 2.5)

@@ -265,7 +265,6 @@ class FlashInferBackend:
         self.h_x_np = self.h_x.numpy()
         self.h_r_np = self.h_r.numpy()
         self.capture_stream = torch.cuda.Stream(device=self.device)
-        self.graph_pool: Any = None
 
     # ---- what the launch arithmetic uses ----------------------------------------------------------
     def _fact_key(self, oneshot: bool) -> str:
@@ -446,13 +445,13 @@ class FlashInferBackend:
 
         cupti_trace.set_call(spec.seq, spec.graph)
         if spec.graph:
-            if self.graph_pool is None:
-                self.graph_pool = torch.cuda.graph_pool_handle()
+            # A private memory pool per graph (nothing is allocated inside): reusing one pool handle after
+            # its graphs were freed trips an allocator assertion in torch 2.11.
             g = torch.cuda.CUDAGraph()
             s = self.capture_stream
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                g.capture_begin(pool=self.graph_pool, capture_error_mode="thread_local")
+                g.capture_begin(capture_error_mode="thread_local")
                 try:
                     self._launch(n, spec)
                 finally:

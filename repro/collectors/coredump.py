@@ -92,9 +92,14 @@ def _wait_dump(pid: int, core: Path, timeout: float) -> bool:
 def _dump_one(rank: int, pid: int, run_dir: RunDir, timeout: float) -> tuple[GpuState | None, list[CollectorRun]]:
     t0 = time.monotonic()
     runs: list[CollectorRun] = []
-    trig = trigger_core_dump(coredump_pipe(run_dir, pid), timeout=min(timeout, 20.0), rank=rank)
+    # The driver closes the pipe within 1-3 s once it starts a dump (H100 measurements); past 10 s it will not.
+    trig = trigger_core_dump(coredump_pipe(run_dir, pid), timeout=min(timeout, 10.0), rank=rank)
     runs.append(trig)
     if not trig.ok:
+        if not _alive(pid):
+            trig = trig.model_copy(update={"error": trig.error + "; the process died meanwhile (a peer's dump ended "
+                                           "the peer, and this rank's kernel maps the peer's buffers)"})
+            runs[-1] = trig
         return None, runs
     core = coredump_file(run_dir, pid)
     if not _wait_dump(pid, core, timeout):

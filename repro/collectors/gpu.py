@@ -51,6 +51,12 @@ _BLOCK_ROW = re.compile(
     rf"^\s*(?P<star>\*)?\s*(?P<tuples>(?:{_TUPLE}\s*)+?)\s*(?P<count>\d+)?\s*(?P<state>[A-Za-z][\w -]*?)?\s*$"
 )
 _FOCUS = re.compile(r"\[(?:Switching focus to|Current focus set to) CUDA kernel (?P<id>\d+)")
+# cuda-gdb 13.0 prints no ClusterDim column; the focus line names the focused kernel's cluster shape.
+_FOCUS_CLUSTER = re.compile(r"cluster dim (?P<dim>\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\))")
+# cuda-gdb attached but could not start CUDA debugging in the process (another developer tool, e.g. CUPTI)
+_NO_CUDA_DEBUG = re.compile(r"cudbgApiAttach\) will be abandoned", re.IGNORECASE)
+# the target was gone when cuda-gdb attached: its "No CUDA kernels." says nothing either
+_GONE = re.compile(r"ptrace: No such process", re.IGNORECASE)
 _NO_KERNELS = re.compile(r"No CUDA kernels", re.IGNORECASE)
 _DEFAULT_KERNEL_COLS = ["Kernel", "Parent", "Dev", "Grid", "Status", "SMs Mask"]
 
@@ -95,6 +101,7 @@ def parse_cuda_gdb(text: str) -> list[GpuKernel]:
     block_kernel: str | None = None
     running: dict[str, int] = {}
     ranges: dict[str, list[str]] = {}
+    focus_cluster: tuple[int, int, int] | None = None
 
     for line in text.splitlines():
         if _KERNELS_HEADER.match(line):
@@ -104,6 +111,9 @@ def parse_cuda_gdb(text: str) -> list[GpuKernel]:
         fm = _FOCUS.search(line)
         if fm:
             focus = fm["id"]
+            cm = _FOCUS_CLUSTER.search(line)
+            if cm:
+                focus_cluster = _dim(cm["dim"])
             continue
         if _BLOCKS_HEADER.match(line):
             words = line.split()
@@ -171,6 +181,8 @@ def parse_cuda_gdb(text: str) -> list[GpuKernel]:
                 focus = kid
             in_blocks = False
     out: list[GpuKernel] = []
+    if focus is not None and focus_cluster is not None and focus in info and info[focus].get("cluster") is None:
+        info[focus]["cluster"] = focus_cluster
     for kid in order:
         rec = info[kid]
         out.append(
@@ -261,6 +273,25 @@ def _attach_one(
         )
     text = res.output
     artifact = _write(raw_path, redact_text(text))
+    if _GONE.search(text) and not _has_kernel_table(text):
+        return (
+            None,
+            CollectorRun(name=name, rank=rank, ok=False, seconds=res.seconds, artifact=artifact,
+                         error="the process had exited before cuda-gdb could attach (ptrace: No such process)"),
+            False,
+        )
+    if _NO_CUDA_DEBUG.search(text) and not _has_kernel_table(text):
+        return (
+            None,
+            CollectorRun(
+                name=name, rank=rank, ok=False, seconds=res.seconds, artifact=artifact,
+                error="cuda-gdb attached but could not start CUDA debugging in the process (cudbgApiAttach "
+                "abandoned); its 'No CUDA kernels' says nothing",
+                advice="another CUDA developer tool holds the process (CUPTI: VDIAG_CUPTI=1, Nsight); run "
+                "without it for the GPU state",
+            ),
+            False,
+        )
     denied = looks_like_ptrace_denied(text)
     if _has_kernel_table(text) or (_NO_KERNELS.search(text) and not denied):
         state = GpuState(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from repro.errors import ScenarioError
-
-err_console = Console(stderr=True)
 
 BISECT_HELP = """Find the commit (--repo) or package version (--pip) that made a scenario hang.
 
@@ -42,7 +40,8 @@ Exit codes: 0 written, 2 the scenario does not hang (or is invalid), 3 environme
 
 
 def _progress(msg: str) -> None:
-    err_console.print(msg, markup=False, highlight=False)
+    sys.stderr.write(msg + "\n")  # one unwrapped line each: logs and CI keep them greppable
+    sys.stderr.flush()
 
 
 def bisect_cmd(

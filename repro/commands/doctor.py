@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
         Checks py-spy and ptrace (by attaching to a child), the faulthandler fallback, NVML, the GPUs and
         their architecture, cuda-gdb, torch/vllm/flashinfer, /dev/shm and torchrun, then runs a planted
         two-rank missing-peer deadlock through the whole pipeline (and a GPU one where a GPU exists).
+
+        Fatal (exit 3): torch or torchrun unusable, /dev/shm unwritable or nearly full, or a self-test that
+        misses or misdiagnoses the planted deadlock. Warnings (exit 0): py-spy missing, ptrace denied (even
+        without the faulthandler fallback), NVML, cuda-gdb, GPU architecture, flashinfer: the verdict comes
+        from the launch logs and the activity, these only add evidence.
         """
         from repro.doctor import run_checks
 

@@ -276,11 +276,17 @@ def main_thread(sample: StackSample) -> ThreadStack | None:
 def group_stacks(report: Report) -> list[StackGroup]:
     """Ranks whose main threads have the same stack, odd groups first, then by first rank."""
     buckets: dict[tuple[Any, ...] | None, StackGroup] = {}
+    cluster_of = {r: i for i, c in enumerate(report.analysis.stack_clusters) for r in c.ranks}
     for sample in sorted(report.stacks, key=lambda s: s.rank):
         t = main_thread(sample)
-        key: tuple[Any, ...] | None = (
-            None if t is None else (t.active, tuple((f.function, f.file, f.line) for f in t.frames))
-        )
+        # The analysis' clusters (same Python frames) decide; native addresses differ in every process.
+        key: tuple[Any, ...] | None
+        if sample.rank in cluster_of:
+            key = ("cluster", cluster_of[sample.rank])
+        elif t is None:
+            key = None
+        else:
+            key = (t.active, tuple((f.function, f.file) for f in t.frames if not f.native))
         group = buckets.get(key)
         if group is None:
             group = buckets[key] = StackGroup(ranks=[], sample=sample, thread=t)

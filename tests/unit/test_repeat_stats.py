@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
-from repro.errors import ScenarioError
+from repro.errors import EnvironmentProblem, ScenarioError
 from repro.repeat import (
     RepeatSummary,
     RunRecord,
     StepPolicy,
     confidence_after,
     judge,
+    rerun_unjudgeable,
     runs_needed,
     wilson_interval,
     z_for,
@@ -75,7 +77,7 @@ def test_policy_refuses_a_rule_that_max_runs_cannot_meet() -> None:
     with pytest.raises(ScenarioError, match=r"needs 9 clean runs per good step, more than --max-runs 5; raise "
                                             r"--max-runs to 9, or accept --confidence 0.83"):
         StepPolicy(confidence=0.95, min_rate=0.3, max_runs=5)
-    with pytest.raises(ScenarioError, match="--confidence 1.5"):
+    with pytest.raises(ScenarioError, match=r"--confidence 1\.5"):
         StepPolicy(confidence=1.5)
     with pytest.raises(ScenarioError, match="--min-rate 0"):
         StepPolicy(min_rate=0)
@@ -87,9 +89,8 @@ def test_policy_refuses_a_rule_that_max_runs_cannot_meet() -> None:
 def test_judge_bad_at_first_hang_good_only_after_enough_clean_runs() -> None:
     policy = StepPolicy(confidence=0.75, min_rate=0.5, max_runs=5)  # two clean runs
 
-    def runs(*codes: int):  # type: ignore[no-untyped-def]
-        it = iter(codes)
-        return lambda: _rec(next(it))
+    def runs(*codes: int) -> Callable[[], RunRecord]:
+        return iter(map(_rec, codes)).__next__
 
     j = judge(runs(0, 1), policy)
     assert j.verdict == "bad" and len(j.runs) == 2 and "run 2" in j.reason
@@ -110,8 +111,7 @@ def test_judge_labels_a_30_percent_hang_good_rarely() -> None:
     """Over every pattern of 9 runs, the default rule calls a step good only when all 9 are clean."""
     policy = StepPolicy()
     for pattern in itertools.product((0, 1), repeat=9):
-        it = iter(pattern)
-        j = judge(lambda: _rec(next(it)), policy)
+        j = judge(iter(map(_rec, pattern)).__next__, policy)
         assert (j.verdict == "good") == (sum(pattern) == 0)
 
 
@@ -124,3 +124,27 @@ def test_repeat_summary_headline_and_exit_code() -> None:
     s = RepeatSummary("x", [_rec(1, "clean"), _rec(0)])  # wrong results without a hang
     assert s.hangs == 0 and s.failures == 1 and "wrong results without a hang in 1" in s.headline()
     assert len(s.lines()) == 3
+
+
+def test_a_run_whose_workers_never_started_is_retried_then_an_environment_error() -> None:
+    unstarted = RunRecord(exit_code=4, verdict="crash", headline="torchrun failed", report_md="/r/x/report.md",
+                          seconds=1.0, started=False)
+    seq = iter([unstarted, _rec(1)])
+    retried: list[RunRecord] = []
+    assert rerun_unjudgeable(seq.__next__, on_retry=retried.append)().hang  # the crash never reaches judge
+    assert retried == [unstarted]
+    seq = iter([unstarted] * 3)
+    with pytest.raises(EnvironmentProblem, match=r"torchrun did not start any worker in 3 tries .*/r/x/logs"):
+        rerun_unjudgeable(seq.__next__)()
+    # a crash after the workers started is the code's: no retry, the step is skipped
+    seq = iter([_rec(4), _rec(0)])
+    assert judge(rerun_unjudgeable(seq.__next__), StepPolicy(min_rate=1)).verdict == "skip"
+
+
+def test_a_hang_called_after_every_rank_finished_is_run_again() -> None:
+    finished = RunRecord(exit_code=1, verdict="host-wait", headline="host-wait", report_md="/r/y/report.md",
+                         seconds=1.0, all_done=True)
+    seq = iter([finished, _rec(0)])
+    assert rerun_unjudgeable(seq.__next__)().exit_code == 0
+    seq = iter([finished] * 3)
+    assert rerun_unjudgeable(seq.__next__)() == finished  # persistent: returned as it is
