@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +122,8 @@ class Watchdog:
         self.observers = observers or []
         self.rank_ids = ranks if ranks is not None else list(range(world_size))
         self.ranks = {r: RankState(r, LogTail(run_dir.launch_log(r))) for r in self.rank_ids}
-        self.samples: list[ActivitySample] = []
+        # recent samples only (the full series is in activity.jsonl)
+        self.samples: deque[ActivitySample] = deque(maxlen=16 * max(1, len(self.rank_ids)))
         self.slowest_call = 0.0
         self.gpu = GpuSampler() if use_gpu else None
         self._activity = open(run_dir.activity, "a")  # noqa: SIM115
@@ -206,7 +208,8 @@ class Watchdog:
         return sum(vals) / len(vals) if vals else st.cpu_pct
 
     def _gpu_busy(self, st: RankState) -> float | None:
-        recent = [s.gpu_util for s in self.samples[-4 * len(self.ranks):] if s.rank == st.rank and s.gpu_util is not None]
+        recent = [s.gpu_util for s in list(self.samples)[-4 * len(self.ranks):]
+                  if s.rank == st.rank and s.gpu_util is not None]
         return sum(recent) / len(recent) if recent else None
 
     # ---- the loop ------------------------------------------------------------------------------------
