@@ -514,7 +514,14 @@ class Worktree:
         return git(args, self.path, check=check)
 
     def checkout(self, rev: str) -> None:
+        self.discard_changes()
         self.git(["checkout", "--quiet", "--detach", rev])
+
+    def discard_changes(self) -> None:
+        """Undo what a --setup did (tracked files, untracked files git does not ignore) so that git can
+        check out the next commit. Only ever in our own worktree; ignored build outputs stay."""
+        self.git(["reset", "--hard", "--quiet"], check=False)
+        self.git(["clean", "-fdq"], check=False)
 
     def head(self) -> str:
         return self.git(["rev-parse", "HEAD"]).stdout.strip()
@@ -626,6 +633,7 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
         wt.checkout(bad_sha)
         bad_end = judge_here("bad end", bad_sha)
         _check_ends(good_end, bad_end, "commit")
+        wt.discard_changes()
         out = wt.git(["bisect", "start", bad_sha, good_sha], check=False)
         wt.bisecting = True
         while True:
@@ -652,6 +660,7 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
                 raise BisectError(f"git bisect stopped: {text.strip().splitlines()[-1] if text.strip() else out.returncode}")
             sha = wt.head()
             st = judge_here("step", sha)
+            wt.discard_changes()
             out = wt.git(["bisect", st.verdict, sha], check=False)
         log = wt.git(["bisect", "log"], check=False)
         (log_dir / "git-bisect.log").write_text(log.stdout)

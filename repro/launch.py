@@ -72,7 +72,9 @@ class Launch:
         return self.world_size // self.node.nnodes
 
     def command(self) -> list[str]:
-        endpoint = self.node.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+        # Port 0: the c10d store binds a free port itself (as `torchrun --standalone` does), so no
+        # other process can take the port between choosing it and binding it.
+        endpoint = self.node.rdzv_endpoint or "127.0.0.1:0"
         rdzv_id = (self.node.rdzv_id or os.environ.get("VDIAG_RDZV_ID", self.token)) if self.node.multi else self.token
         return [
             sys.executable, "-m", "torch.distributed.run",

@@ -220,11 +220,16 @@ def det_repo(tmp_path_factory: pytest.TempPathFactory) -> ToyRepo:
     return repo
 
 
+# a "build" that also leaves tracked and untracked files changed, as real builds do
+SETUP = "python -m compileall -q toyvllm && echo '# built' >> toyvllm/hook.py && echo built > BUILD-STAMP"
+
+
+@pytest.mark.slow
 def test_bisect_names_the_deterministic_culprit_and_restores_the_repo(det_repo: ToyRepo, tmp_path: Path) -> None:
     before = det_repo.state()
     reports = tmp_path / "reports"
     p = vdiag(["bisect", str(scenario_file(tmp_path)), "--repo", str(det_repo.path), "--good", det_repo.commits[0],
-               "--bad", "main", "--python-only", "--setup", "python -m compileall -q toyvllm",
+               "--bad", "main", "--python-only", "--setup", SETUP,
                "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     culprit = det_repo.commits[3]
@@ -327,6 +332,7 @@ def test_bisect_interrupted_restores_the_repo(det_repo: ToyRepo, tmp_path: Path)
 # ---- a skipped commit in between -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bisect_skips_a_commit_that_cannot_import(tmp_path: Path) -> None:
     files = base_files()
     repo = make_repo(tmp_path / "toyvllm", [
@@ -371,6 +377,7 @@ def flaky_repo(tmp_path_factory: pytest.TempPathFactory) -> ToyRepo:
     ])
 
 
+@pytest.mark.slow
 def test_bisect_reruns_steps_so_a_flaky_culprit_is_not_labelled_good(flaky_repo: ToyRepo, tmp_path: Path) -> None:
     before = flaky_repo.state()
     reports = tmp_path / "reports"
@@ -446,6 +453,7 @@ def configure(scenario, rank):
 '''
 
 
+@pytest.mark.slow
 def test_bisect_pip_finds_the_first_bad_version(tmp_path: Path) -> None:
     dist = tmp_path / "wheels"
     dist.mkdir()

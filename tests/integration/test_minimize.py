@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from repro.minimize import ddmin, single_removals
@@ -45,6 +46,7 @@ def vdiag(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Comple
                           env=dict(os.environ))
 
 
+@pytest.mark.slow
 def test_minimize_ends_on_a_1_minimal_scenario_that_still_hangs(tmp_path: Path) -> None:
     start = tmp_path / "toy-minimize.yaml"
     start.write_text(START)
