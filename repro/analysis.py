@@ -413,7 +413,9 @@ def _kernel_for(ev: LaunchEvent | None, gpu: dict[int, GpuState], rank: int, tp:
     g = gpu.get(rank)
     if g is not None and g.kernels:
         k = g.kernels[0]
-        return f"{k.name.split('(')[0]} <<<{k.grid},{k.block}>>>" + (f" cluster {k.cluster}" if k.cluster else "")
+        base = k.name.split("<")[0].split("(")[0]
+        dims = ",".join(str(d) for d in (k.grid or ())[:1]) + "," + ",".join(str(d) for d in (k.block or ())[:1])
+        return f"{base} <<<{dims}>>>" + (f" cluster {k.cluster[0]}" if k.cluster else "") + f" ({g.source})"
     if ev is None:
         return ""
     if ev.op == "unfused":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,6 @@ def test_two_nodes_on_loopback_report_a_hang_that_spans_both(tmp_path: Path) -> 
     )
     node1 = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**env, **_slurm_env(job, 1, port)}, cwd=ROOT)
-    t0 = time.monotonic()
     try:
         out0, err0 = node0.communicate(timeout=150)
         out1, err1 = node1.communicate(timeout=60)
@@ -90,7 +88,6 @@ def test_two_nodes_on_loopback_report_a_hang_that_spans_both(tmp_path: Path) -> 
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    elapsed = time.monotonic() - t0
     # Both nodes reproduced the hang (exit 1), each from its own ranks.
     assert node0.returncode == 1, err0
     assert node1.returncode == 1, err1
@@ -134,12 +131,11 @@ def test_two_nodes_on_loopback_report_a_hang_that_spans_both(tmp_path: Path) -> 
         assert sorted({s["rank"] for s in rep["stacks"]}) == [0, 1, 2, 3]
         md = (folder / "report.md").read_text()
         # The verdict names ranks of both nodes: the spinner, its idle peer, and the other node's waiters.
-        for text in ("rank 0 (pp 0, tp 0) spins", "rank 1 (pp 0, tp 1) is idle",
-                     "rank 2 (pp 1, tp 0) is idle", "rank 3 (pp 1, tp 1) is idle", "Nodes: node 0"):
+        for text in ("rank 0 (pp 0, tp 0) spins", "rank 1 (pp 0, tp 1) is idle", "ranks 2-3 are idle",
+                     "Nodes: node 0"):
             assert text in md, text
         assert sorted(p.name for p in (folder / "launch").glob("*.jsonl")) == [f"rank{r}.jsonl" for r in range(4)]
     # Nothing is left behind on the machine.
     for name in ("node0", "node1"):
         assert leftovers(dirs[name]) == []
     assert shm_names() - before == set()
-    assert elapsed < 90, f"two-node run took {elapsed:.0f} s"
