@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from repro.backends.base import CallSpec, WorkspaceInfo
+from repro.backends.reference import ReferenceBackend
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -141,37 +141,19 @@ def unfused_allreduce_rmsnorm_cuda(
     return res_out.float().cpu().numpy(), norm.float().cpu().numpy()
 
 
-class GpuReferenceBackend:
+class GpuReferenceBackend(ReferenceBackend):
     """The `nccl` backend on CUDA tensors: the unfused reference, and fusion-off scenarios on a GPU."""
 
-    name = "nccl"
-
     def __init__(self, *, tp_group: Any, tp_ranks: tuple[int, ...], dtype: str, nccl: bool) -> None:
-        self.tp_group = tp_group
-        self.tp_ranks = tp_ranks
+        super().__init__(tp_group=tp_group, tp_ranks=tp_ranks)
         self.dtype = dtype
         self.nccl = nccl
-
-    def create_workspace(self, rendezvous: str) -> WorkspaceInfo:
-        return WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=self.tp_ranks,
-                             error="the nccl backend has no fused op")
-
-    def fused(
-        self, x: np.ndarray, residual: np.ndarray, gamma: np.ndarray, spec: CallSpec
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return self.unfused(x, residual, gamma, spec.eps)
 
     def unfused(
         self, x: np.ndarray, residual: np.ndarray, gamma: np.ndarray, eps: float
     ) -> tuple[np.ndarray, np.ndarray]:
         return unfused_allreduce_rmsnorm_cuda(x, residual, gamma, eps, self.tp_group, dtype=self.dtype,
                                               nccl=self.nccl)
-
-    def offset_flag(self, offset: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 def placement_text(devices: Mapping[int, tuple[str, str | None]], backend: str, workspace_group: str,

@@ -6,20 +6,9 @@ import importlib.util
 
 import pytest
 
+from repro.run import gpu_count
 
-def _gpus() -> int:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        n = int(pynvml.nvmlDeviceGetCount())
-        pynvml.nvmlShutdown()
-        return n
-    except Exception:
-        return 0
-
-
-HAVE_GPU = _gpus() > 0
+HAVE_GPU = gpu_count() > 0
 HAVE_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 
 
