@@ -268,29 +268,11 @@ def bench_scale(work: Path, keep: bool, sizes: list[int]) -> dict[str, Any]:
 
 
 def _per_call(run_dir: Path) -> dict[str, Any]:
-    """Mean seconds per call (launch -> result) over every rank, and the replay's span per call."""
-    durations: list[float] = []
-    spans: list[float] = []
-    tokens: dict[int, int] = {}
-    for log in sorted((run_dir / "launch").glob("rank*.jsonl")):
-        launched: dict[int, float] = {}
-        first = last = None
-        n = 0
-        for line in log.read_text().splitlines():
-            e = json.loads(line)
-            if e.get("ev") == "launch":
-                launched[e["seq"]] = e["t"]
-                tokens[e["token_num"]] = tokens.get(e["token_num"], 0) + 1
-                first = e["t"] if first is None else first
-            elif e.get("ev") == "result" and e["seq"] in launched:
-                durations.append(e["t"] - launched.pop(e["seq"]))
-                last = e["t"]
-                n += 1
-        if first is not None and last is not None and n:
-            spans.append((last - first) / n)
-    return {"mean_call_s": statistics.fmean(durations) if durations else float("nan"),
-            "span_per_call_s": statistics.fmean(spans) if spans else float("nan"),
-            "calls": len(durations), "token_counts": tokens}
+    """Mean launch->result per call and the replay's span per call (repro.launchlog)."""
+    sys.path.insert(0, str(ROOT))
+    from repro.launchlog import per_call_timings
+
+    return per_call_timings(run_dir / "launch")
 
 
 def check_cost_us(token_counts: dict[int, int], tp: int = 2, width: int = 64, n: int = 200) -> dict[str, Any]:

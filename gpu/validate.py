@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from repro.launchlog import per_call_timings  # noqa: E402
+
 SC = ROOT / "scenarios"
 
 # Smaller than the shipped scenarios so the set fits a few 10-minute device calls; the sim runs the same.
@@ -295,29 +298,10 @@ def cmd_ptrace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _per_call(run_dir: Path) -> dict[str, float]:
+def _per_call(run_dir: Path) -> dict[str, Any]:
     """As bench/run_bench.py: mean launch->result per call, and the replay's span per call."""
-    durations: list[float] = []
-    spans: list[float] = []
-    for log in sorted((run_dir / "launch").glob("rank*.jsonl")):
-        if log.name.endswith(".cupti.jsonl"):
-            continue
-        launched: dict[int, float] = {}
-        first = last = None
-        n = 0
-        for line in log.read_text().splitlines():
-            e = json.loads(line)
-            if e.get("ev") == "launch":
-                launched[e["seq"]] = e["t"]
-                first = e["t"] if first is None else first
-            elif e.get("ev") == "result" and e["seq"] in launched:
-                durations.append(e["t"] - launched.pop(e["seq"]))
-                last = e["t"]
-                n += 1
-        if first is not None and last is not None and n:
-            spans.append((last - first) / n)
-    return {"mean_call_s": statistics.fmean(durations) if durations else float("nan"),
-            "span_per_call_s": statistics.fmean(spans) if spans else float("nan"), "calls": len(durations)}
+    t = per_call_timings(run_dir / "launch")
+    return {k: t[k] for k in ("mean_call_s", "span_per_call_s", "calls")}
 
 
 def cmd_cupti_bench(args: argparse.Namespace) -> int:

@@ -104,3 +104,28 @@ def parse_events(rank: int, events: list[dict[str, Any]]) -> RankLog:
 
 def read_rank_log(path: Path, rank: int) -> RankLog:
     return parse_events(rank, LogTail(path).new_events())
+
+
+def per_call_timings(launch_dir: Path) -> dict[str, Any]:
+    """Over every rank's launch log: mean seconds per call (launch -> result), the replay's span per call
+    (first launch to last result, divided by the calls), and how many calls each token count had."""
+    import statistics
+
+    durations: list[float] = []
+    spans: list[float] = []
+    tokens: dict[int, int] = {}
+    for log in sorted(launch_dir.glob("rank*.jsonl")):
+        if log.name.endswith(".cupti.jsonl"):
+            continue
+        rl = read_rank_log(log, -1)
+        launched = {ev.seq: ev for ev in rl.launches}
+        for ev in rl.launches:
+            tokens[ev.token_num] = tokens.get(ev.token_num, 0) + 1
+        done = [(launched[r.seq].t, r.t) for r in rl.results if r.seq in launched]
+        durations.extend(end - start for start, end in done)
+        if done:
+            spans.append((done[-1][1] - rl.launches[0].t) / len(done))
+    nan = float("nan")
+    return {"mean_call_s": statistics.fmean(durations) if durations else nan,
+            "span_per_call_s": statistics.fmean(spans) if spans else nan,
+            "calls": len(durations), "token_counts": tokens}
