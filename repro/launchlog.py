@@ -107,8 +107,9 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
 
 
 def per_call_timings(launch_dir: Path) -> dict[str, Any]:
-    """Over every rank's launch log: mean seconds per call (launch -> result), the replay's span per call
-    (first launch to last result, divided by the calls), and how many calls each token count had."""
+    """Over every rank's launch log: mean seconds per call (launch -> return: the record's call_s, else
+    launch -> result), the replay's span per call (first launch to last result, divided by the calls), and
+    how many calls each token count had."""
     import statistics
 
     durations: list[float] = []
@@ -122,9 +123,10 @@ def per_call_timings(launch_dir: Path) -> dict[str, Any]:
         for ev in rl.launches:
             tokens[ev.token_num] = tokens.get(ev.token_num, 0) + 1
         done = [(launched[r.seq].t, r.t) for r in rl.results if r.seq in launched]
-        durations.extend(end - start for start, end in done)
+        durations.extend(r.call_s if r.call_s is not None else r.t - launched[r.seq].t
+                         for r in rl.results if r.seq in launched)
         if done:
-            spans.append((done[-1][1] - rl.launches[0].t) / len(done))
+            spans.append((max(end for _, end in done) - rl.launches[0].t) / len(done))
     nan = float("nan")
     return {"mean_call_s": statistics.fmean(durations) if durations else nan,
             "span_per_call_s": statistics.fmean(spans) if spans else nan,

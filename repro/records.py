@@ -57,6 +57,7 @@ class ResultEvent(_Rec):
     first_wrong: int | None = None
     kind: str = "ok"  # ok | foreign_group | missing_peer | stale | misaligned | unknown
     detail: str = ""
+    call_s: float | None = None  # launch to return; the check (and so `t`) may come later, during the next call
 
 
 class WorkspaceEvent(_Rec):
@@ -98,6 +99,7 @@ class DoneEvent(_Rec):
     t: float
     calls: int
     wrong_calls: int
+    check_s: float | None = None  # seconds spent checking results, for the checking benchmark
 
 
 class RankLog(_Rec):

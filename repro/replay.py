@@ -6,7 +6,8 @@ two all-reduce + residual + RMSNorm calls (after attention, after the MLP). PP s
 intermediate tensors locally, as `_dummy_run` does: no send/recv, so stages run concurrently.
 
 Before each launch the rank appends a record to its launch log and flushes it, so the call that hangs is
-on disk. After each call it checks the result against the locally computed expectation.
+on disk. After each call it checks the result against the locally computed expectation; the result
+record carries the call's own duration (call_s), the check left out.
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def run_rank(run_dir: Path, rank: int) -> int:
     ws_id = ws.ident if ws.ok else None
 
     state = {"call": 0, "seq": 0, "wrong": 0}
+    check_s = [0.0]  # time spent checking, reported in the done record (bench/run_bench.py)
+    check_on = os.environ.get("VDIAG_CHECK", "1") != "0"  # off: bench/run_bench.py measures what checking costs
 
     def one_call(phase: str, size: int, layer: int, sub: int, graph: bool = False) -> None:
         call = state["call"]
@@ -225,20 +228,27 @@ def run_rank(run_dir: Path, rank: int) -> int:
                 record["args"] = call_args(spec)
             log.emit("launch", **record)
             cupti_trace.set_call(seq, graph)
+            t_call = time.perf_counter()
             res_out, norm_out = backend.fused(x, res, gamma, spec)
         else:
             log.emit("launch", **record)
             cupti_trace.set_call(seq, graph)
+            t_call = time.perf_counter()
             res_out, norm_out = backend.unfused(x, res, gamma, shape.rms_eps)
-        if os.environ.get("VDIAG_CHECK", "1") == "0":  # checking off: bench/run_bench.py measures its cost
-            log.emit("result", seq=seq, ok=True, kind="unchecked")
+        call_s = round(time.perf_counter() - t_call, 6)
+        if not check_on:
+            log.emit("result", seq=seq, ok=True, kind="unchecked", call_s=call_s)
             return
+        t0 = time.perf_counter()
         r = checking.check(res_out, norm_out, group=me.pp_stage, tp=tp, n_groups=pp, call=call,
                            eps=shape.rms_eps, dtype=dtype_check)
-        if not r.ok:
-            state["wrong"] += 1
-        log.emit("result", seq=seq, ok=r.ok, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
-                 first_wrong=r.first_wrong, kind=r.kind, detail=r.detail)
+        check_s[0] += time.perf_counter() - t0
+        if r.ok:  # the record's defaults say the rest (records.ResultEvent)
+            log.emit("result", seq=seq, ok=True, call_s=call_s)
+            return
+        state["wrong"] += 1
+        log.emit("result", seq=seq, ok=False, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
+                 first_wrong=r.first_wrong, kind=r.kind, detail=r.detail, call_s=call_s)
 
     def forward(phase: str, size: int, graph: bool = False) -> None:
         for layer in range(shape.num_layers):
@@ -258,7 +268,8 @@ def run_rank(run_dir: Path, rank: int) -> int:
         log.emit("phase", phase="capture", index=len(capture_sizes), total=len(capture_sizes))
         log.emit("phase", phase="finish")
         dist.barrier()
-        log.emit("done", calls=state["call"], wrong_calls=state["wrong"])
+        log.emit("done", calls=state["call"], wrong_calls=state["wrong"],
+                 **({"check_s": round(check_s[0], 4)} if check_on else {}))
     except Exception as e:
         log.emit("error", where="replay", error=f"{type(e).__name__}: {e}")
         traceback.print_exc(file=sys.stderr)

@@ -157,10 +157,16 @@ class Watchdog:
                     st.completed += 1
                     if not e.get("ok", True):
                         st.wrong += 1
-                    if st.launched_at is not None:
+                    # Only the result of the pending launch ends it; call_s, where the record has it, is the
+                    # call's own duration without the check.
+                    mine = st.pending is not None and st.pending.get("seq") == e.get("seq")
+                    if e.get("call_s") is not None:
+                        self.slowest_call = max(self.slowest_call, float(e["call_s"]))
+                    elif mine and st.launched_at is not None:
                         self.slowest_call = max(self.slowest_call, float(e["t"]) - st.launched_at)
-                    st.pending = None
-                    st.launched_at = None
+                    if mine:
+                        st.pending = None
+                        st.launched_at = None
                 elif kind == "done":
                     st.done = True
                     st.phase = "finished"

@@ -136,6 +136,20 @@ def test_missing_peer_spins_one_rank_and_idles_the_other(missing_peer: VdiagRun)
     assert "_oneshot" in frames0
 
 
+def test_every_call_but_the_hung_one_has_its_checked_result(missing_peer: VdiagRun, token_divergence: VdiagRun) -> None:
+    """A rank that hangs has a checked result, with the call's own duration, for every call it finished."""
+    from repro.launchlog import read_rank_log
+
+    for run in (missing_peer, token_divergence):
+        for log in sorted((run.run_dir / "launch").glob("rank*.jsonl")):
+            rl = read_rank_log(log, -1)
+            pending = rl.pending_launch()
+            hung = {pending.seq} if pending is not None else set()
+            assert [r.seq for r in rl.results] == [ev.seq for ev in rl.launches if ev.seq not in hung], log
+            assert all(r.call_s is not None and r.call_s >= 0 for r in rl.results)
+        assert any(read_rank_log(log, -1).pending_launch() for log in (run.run_dir / "launch").glob("rank*.jsonl"))
+
+
 def test_flag_offset_fails_and_points_at_the_flag(session_reports: Path) -> None:
     r = _run(session_reports, "mech-flag-offset")
     assert r.rc == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from repro import checking as ck
 
@@ -62,3 +63,35 @@ def test_bf16_rounding_is_within_tolerance_but_a_lost_peer_is_not() -> None:
     assert ck.check(bf16, None, group=0, tp=2, n_groups=1, call=3, eps=1e-5, dtype="bf16").ok
     lost = ck.contribution(0, 0, 2, 3, t, w) + ck.residual(0, 3, t, w)
     assert not ck.check(lost, None, group=0, tp=2, n_groups=1, call=3, eps=1e-5, dtype="bf16").ok
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 64, 512])
+def test_the_sims_arithmetic_matches_the_token_digests_bit_for_bit(tp: int, tokens: int) -> None:
+    w = 64
+    for call in range(ck.PERIOD):
+        xs = [ck.contribution(1, r, tp, call, tokens, w).reshape(-1) for r in range(tp)]
+        for total in (np.stack(xs).sum(axis=0, dtype=np.float32), sum(xs[1:], xs[0].copy())):  # one-/two-shot
+            res_out, norm = _outputs(total.reshape(tokens, w), 1, call)
+            assert ck._digests_ok(res_out, norm, ck._digests(1, tp, call, tokens, w, 1e-5)), (tp, tokens, call)
+
+
+def test_digests_catch_one_element_off_and_small_fp32_noise_still_passes() -> None:
+    t, w, tp = 33, 64, 4
+    res_out, norm = _outputs(ck.expected_sum(1, tp, 6, t, w), 1, 6)
+    digests = ck._digests(1, tp, 6, t, w, 1e-5)
+    assert ck._digests_ok(res_out, norm, digests)
+    off = res_out.copy()
+    off[20, 41] += 2e-3  # one element, above the fp32 tolerance
+    assert not ck._digests_ok(off, norm, digests)
+    r = ck.check(off, norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5)
+    assert not r.ok and r.first_wrong == 20 * w + 41
+    # another summation order (gloo's) is off by an ulp: not bit-exact, still within the fp32 tolerance
+    nudged = np.nextafter(res_out, np.float32(np.inf))
+    assert not ck._digests_ok(nudged, norm, digests)
+    assert ck.check(nudged, norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5).ok
+    # a wrong RMSNorm output with a right residual is caught, not waved through by the residual's match
+    bad_norm = norm.copy()
+    bad_norm[3, 5] += 0.5
+    r = ck.check(res_out, bad_norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5)
+    assert not r.ok and r.detail == "RMSNorm output wrong" and r.first_wrong == 3 * w + 5
