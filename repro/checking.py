@@ -78,12 +78,16 @@ _levels = _Prefix(_make_levels)
 _value_index = _Prefix(lambda n: _levels(n) * 4 + np.arange(n, dtype=np.int64) % 4)
 
 
+def _level_values(group: int, tp_rank: int, tp: int, phase: int) -> np.ndarray:
+    """What rank (group, tp_rank) feeds in at each level: (group + 1) + ((level + phase * 3 + tp_rank * 5)
+    mod FRAC_STEPS) * unit, as float32."""
+    shift = phase * 3 + tp_rank * 5
+    return ((group + 1) + ((np.arange(FRAC_STEPS) + shift) % FRAC_STEPS) * _frac_unit(tp)).astype(np.float32)
+
+
 @lru_cache(maxsize=4096)
 def _contribution(group: int, tp_rank: int, tp: int, phase: int, tokens: int, width: int) -> np.ndarray:
-    # value = (group + 1) + ((level + phase * 3 + tp_rank * 5) mod FRAC_STEPS) * unit, looked up per level
-    shift = phase * 3 + tp_rank * 5
-    table = ((group + 1) + ((np.arange(FRAC_STEPS) + shift) % FRAC_STEPS) * _frac_unit(tp)).astype(np.float32)
-    return _frozen(table[_levels(tokens * width)].reshape(tokens, width))
+    return _frozen(_level_values(group, tp_rank, tp, phase)[_levels(tokens * width)].reshape(tokens, width))
 
 
 def contribution(group: int, tp_rank: int, tp: int, call: int, tokens: int, width: int) -> np.ndarray:
@@ -180,7 +184,7 @@ def _digests(group: int, tp: int, phase: int, tokens: int, width: int, eps: floa
     m = np.tile(np.arange(4), FRAC_STEPS)
     total = np.zeros(4 * FRAC_STEPS, dtype=np.float32)
     for r in range(tp):
-        total += ((group + 1) + ((lv + phase * 3 + r * 5) % FRAC_STEPS) * _frac_unit(tp)).astype(np.float32)
+        total += _level_values(group, r, tp, phase)[lv]
     table = total + (((m + phase) % 4) / 1024.0).astype(np.float32)
     res_out = table[_value_index(tokens * width)].reshape(tokens, width)
     w = _weights(width)

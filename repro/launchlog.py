@@ -122,11 +122,10 @@ def per_call_timings(launch_dir: Path) -> dict[str, Any]:
         launched = {ev.seq: ev for ev in rl.launches}
         for ev in rl.launches:
             tokens[ev.token_num] = tokens.get(ev.token_num, 0) + 1
-        done = [(launched[r.seq].t, r.t) for r in rl.results if r.seq in launched]
-        durations.extend(r.call_s if r.call_s is not None else r.t - launched[r.seq].t
-                         for r in rl.results if r.seq in launched)
+        done = [r for r in rl.results if r.seq in launched]
+        durations.extend(r.call_s if r.call_s is not None else r.t - launched[r.seq].t for r in done)
         if done:
-            spans.append((max(end for _, end in done) - rl.launches[0].t) / len(done))
+            spans.append((done[-1].t - rl.launches[0].t) / len(done))
     nan = float("nan")
     return {"mean_call_s": statistics.fmean(durations) if durations else nan,
             "span_per_call_s": statistics.fmean(spans) if spans else nan,

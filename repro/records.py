@@ -57,7 +57,7 @@ class ResultEvent(_Rec):
     first_wrong: int | None = None
     kind: str = "ok"  # ok | foreign_group | missing_peer | stale | misaligned | unknown
     detail: str = ""
-    call_s: float | None = None  # launch to return; the check (and so `t`) may come later, during the next call
+    call_s: float | None = None  # launch to return, the check left out
 
 
 class WorkspaceEvent(_Rec):
