@@ -276,28 +276,36 @@ def _per_call(run_dir: Path) -> dict[str, Any]:
 
 
 def check_cost_us(token_counts: dict[int, int], tp: int = 2, width: int = 64, n: int = 200) -> dict[str, Any]:
-    """`checking.check` timed in this process on correct results, for each token count the run launched
-    (expectations cached, as in the replay); the call-weighted mean is the cost checking adds per call."""
-    import numpy as np
-
+    """The replay's check (`checking.Checker` on the sim's packed outputs) timed in this process on correct
+    results, for each token count the run launched (expectations cached, as in the replay); the
+    call-weighted mean is the cost checking adds per call."""
     sys.path.insert(0, str(ROOT))
     from repro import checking
 
+    checker = checking.Checker(group=0, tp=tp, n_groups=2, width=width, eps=1e-5)
     per: dict[int, float] = {}
     for t in sorted(token_counts):
-        res = checking.residual(0, 3, t, width)
         total = sum(checking.contribution(0, r, tp, 3, t, width) for r in range(tp))
-        res_out = np.asarray(total + res, dtype=np.float32)
-        norm = checking.rms_norm(res_out, checking.gamma(width), 1e-5)
-        checking.check(res_out, norm, group=0, tp=tp, n_groups=2, call=3, eps=1e-5, dtype="fp32")
+        outs = checking.add_and_norm(total, checking.residual(0, 3, t, width), checking.gamma(width), 1e-5)
+        res_out, norm = outs
+        assert checker.check(res_out, norm, 3, outs.packed).ok
         t0 = time.perf_counter()
         for _ in range(n):
-            checking.check(res_out, norm, group=0, tp=tp, n_groups=2, call=3, eps=1e-5, dtype="fp32")
+            checker.check(res_out, norm, 3, outs.packed)
         per[t] = (time.perf_counter() - t0) / n * 1e6
     calls = sum(token_counts.values())
     mean = sum(per[t] * c for t, c in token_counts.items()) / calls if calls else float("nan")
     # a warm cache: the cost of computing each expectation once (per call shape) is left out
     return {"by_tokens_us": {str(k): round(v, 1) for k, v in per.items()}, "call_weighted_mean_us": round(mean, 1)}
+
+
+def _check_cost_single_threaded(token_counts: dict[Any, int]) -> dict[str, Any]:
+    """check_cost_us in a child process with one BLAS thread, as in the ranks (launch sets OMP_NUM_THREADS=1):
+    a many-core machine would otherwise time OpenBLAS waking its threads for the larger products."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--check-microbench", json.dumps(token_counts)],
+                         env=env, capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
 
 
 def _check_share(run_dir: Path) -> float | None:
@@ -320,8 +328,8 @@ def _check_share(run_dir: Path) -> float | None:
 def bench_checking(work: Path, keep: bool, repeat: int = 4) -> dict[str, Any]:
     sets = ["backend=sim"]  # seed-sized: the seed's 80 layers and 51 capture sizes
     runs: list[dict[str, Any]] = []
-    for _ in range(repeat):  # alternate so drift on the machine hits both alike
-        for mode in ("on", "off"):
+    for i in range(repeat):  # on, off, off, on, ...: a machine that drifts faster or slower hits both alike
+        for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
             r = run_once(TPGROUP, work / "checking", sets, env={"VDIAG_CHECK": "1" if mode == "on" else "0"})
             r["checking"] = mode
             if r.get("run_dir"):
@@ -341,11 +349,14 @@ def bench_checking(work: Path, keep: bool, repeat: int = 4) -> dict[str, Any]:
     on_span, off_span = med("on", "span_per_call_s"), med("off", "span_per_call_s")
     on_wall, off_wall = med("on", "wall_s"), med("off", "wall_s")
     span_over = pct(on_span, off_span)
+    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+    pair_over = [pct(*(next(r["span_per_call_s"] for r in p if r["checking"] == m) for m in ("on", "off")))
+                 for p in pairs if all(isinstance(r.get("span_per_call_s"), float) for r in p)]
     clean = all(r.get("verdict_class") in ("clean", "slow") for r in runs)
     tokens: dict[int, int] = next((r["token_counts"] for r in runs if r.get("token_counts")), {})
     for r in runs:
         r.pop("token_counts", None)
-    micro = check_cost_us({int(k): v for k, v in tokens.items()}) if tokens else {}
+    micro = _check_cost_single_threaded(tokens) if tokens else {}
     shares = [r["check_share_pct"] for r in runs if isinstance(r.get("check_share_pct"), float)]
     nproc = os.cpu_count() or 1
     return {
@@ -357,12 +368,13 @@ def bench_checking(work: Path, keep: bool, repeat: int = 4) -> dict[str, Any]:
         "median_wall_s": {"on": on_wall, "off": off_wall},
         "overhead_span_pct": span_over,
         "overhead_wall_pct": pct(on_wall, off_wall),
+        "overhead_span_pct_by_pair": pair_over,
         "check_share_pct": round(statistics.median(shares), 2) if shares else None,
         "all_clean": clean,
         "check_microbench": micro,
         "oversubscribed": nproc < 4,
         "note": "overhead_span_pct compares the replay's span per call (first launch to last result over the calls) "
-                "with checking on and off (VDIAG_CHECK=0), medians of alternating runs; overhead_wall_pct does the "
+                "with checking on and off (VDIAG_CHECK=0), medians of runs alternating on-off-off-on; overhead_wall_pct does the "
                 "same for the whole `vdiag run`. check_share_pct is the time the ranks spent inside checks over "
                 "their replay time. The ranks run in lockstep, so a check on one rank delays its TP peers too; with "
                 "fewer cores than ranks (oversubscribed) the ranks also share the cores.",
@@ -379,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
     ap.add_argument("--scale-ranks", default="8,16,32,64")
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders (under --out/runs)")
+    ap.add_argument("--check-pairs", type=int, default=4, help="checking: alternating on/off run pairs")
+    ap.add_argument("--check-microbench", metavar="JSON", help=argparse.SUPPRESS)  # the child of the above
     args = ap.parse_args(argv)
+    if args.check_microbench:
+        print(json.dumps(check_cost_us({int(k): v for k, v in json.loads(args.check_microbench).items()})))
+        return 0
     wanted = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(wanted) - set(BENCHES)
     if unknown:
@@ -400,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "scale":
                 res = bench_scale(work, args.keep_runs, [int(x) for x in args.scale_ranks.split(",")])
             else:
-                res = bench_checking(work, args.keep_runs)
+                res = bench_checking(work, args.keep_runs, args.check_pairs)
             res["bench_wall_s"] = round(time.monotonic() - t0, 1)
             res["machine"] = info
             (args.out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from repro.backends.base import CallSpec, WorkspaceInfo
-from repro.checking import rms_norm
+from repro.checking import add_and_norm
 
 
 def unfused_allreduce_rmsnorm(
@@ -19,8 +19,7 @@ def unfused_allreduce_rmsnorm(
 ) -> tuple[np.ndarray, np.ndarray]:
     t = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
     dist.all_reduce(t, group=group)
-    res_out = t.numpy() + residual
-    return res_out, rms_norm(res_out, gamma, eps)
+    return add_and_norm(t.numpy(), residual, gamma, eps)
 
 
 class ReferenceBackend:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -66,32 +68,62 @@ def test_bf16_rounding_is_within_tolerance_but_a_lost_peer_is_not() -> None:
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
-@pytest.mark.parametrize("tokens", [1, 3, 64, 512])
+@pytest.mark.parametrize("tokens", [1, 3, 64, 512, ck.ROWS_CACHED + 5])
 def test_the_sims_arithmetic_matches_the_token_digests_bit_for_bit(tp: int, tokens: int) -> None:
     w = 64
+    checker = ck.Checker(group=1, tp=tp, n_groups=2, width=w, eps=1e-5)
     for call in range(ck.PERIOD):
         xs = [ck.contribution(1, r, tp, call, tokens, w).reshape(-1) for r in range(tp)]
         for total in (np.stack(xs).sum(axis=0, dtype=np.float32), sum(xs[1:], xs[0].copy())):  # one-/two-shot
-            res_out, norm = _outputs(total.reshape(tokens, w), 1, call)
-            assert ck._digests_ok(res_out, norm, ck._digests(1, tp, call, tokens, w, 1e-5)), (tp, tokens, call)
+            outs = ck.add_and_norm(total.reshape(tokens, w), ck.residual(1, call, tokens, w), ck.gamma(w), 1e-5)
+            res_out, norm = outs
+            assert checker.digests_match(res_out, norm, call, outs.packed), (tp, tokens, call)  # one product
+            assert checker.digests_match(res_out.copy(), norm.copy(), call), (tp, tokens, call)  # one per output
 
 
-def test_digests_catch_one_element_off_and_small_fp32_noise_still_passes() -> None:
+def test_packed_outputs_are_the_halves_of_one_buffer_with_the_plain_values() -> None:
+    t, w = 7, 64
+    total = ck.expected_sum(0, 2, 3, t, w)
+    outs = ck.add_and_norm(total, ck.residual(0, 3, t, w), ck.gamma(w), 1e-5)
+    res_out, norm = outs
+    assert outs.packed.shape == (2 * t, w) and outs.packed.flags.c_contiguous
+    assert res_out.base is outs.packed and norm.base is outs.packed
+    plain = total + ck.residual(0, 3, t, w)
+    assert np.array_equal(res_out, plain) and np.array_equal(norm, ck.rms_norm(plain, ck.gamma(w), 1e-5))
+    assert np.array_equal(outs.packed[t:], norm) and np.array_equal(outs.packed[:t], res_out)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_digests_catch_one_element_off_and_small_fp32_noise_still_passes(packed: bool) -> None:
     t, w, tp = 33, 64, 4
-    res_out, norm = _outputs(ck.expected_sum(1, tp, 6, t, w), 1, 6)
-    digests = ck._digests(1, tp, 6, t, w, 1e-5)
-    assert ck._digests_ok(res_out, norm, digests)
-    off = res_out.copy()
-    off[20, 41] += 2e-3  # one element, above the fp32 tolerance
-    assert not ck._digests_ok(off, norm, digests)
-    r = ck.check(off, norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5)
-    assert not r.ok and r.first_wrong == 20 * w + 41
-    # another summation order (gloo's) is off by an ulp: not bit-exact, still within the fp32 tolerance
-    nudged = np.nextafter(res_out, np.float32(np.inf))
-    assert not ck._digests_ok(nudged, norm, digests)
-    assert ck.check(nudged, norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5).ok
-    # a wrong RMSNorm output with a right residual is caught, not waved through by the residual's match
-    bad_norm = norm.copy()
-    bad_norm[3, 5] += 0.5
-    r = ck.check(res_out, bad_norm, group=1, tp=tp, n_groups=2, call=6, eps=1e-5)
-    assert not r.ok and r.detail == "RMSNorm output wrong" and r.first_wrong == 3 * w + 5
+    checker = ck.Checker(group=1, tp=tp, n_groups=2, width=w, eps=1e-5)
+    outs = ck.add_and_norm(ck.expected_sum(1, tp, 6, t, w), ck.residual(1, 6, t, w), ck.gamma(w), 1e-5)
+
+    def run(mutate: Callable[[np.ndarray, np.ndarray], None]) -> tuple[bool, ck.CheckResult]:
+        buf = outs.packed.copy()
+        res_out, norm = buf[:t], buf[t:]
+        mutate(res_out, norm)
+        p = buf if packed else None
+        if not packed:
+            res_out, norm = res_out.copy(), norm.copy()
+        return checker.digests_match(res_out, norm, 6, p), checker.check(res_out, norm, 6, p)
+
+    assert run(lambda r, n: None) == (True, ck.OK)
+
+    def one_off(r: np.ndarray, n: np.ndarray) -> None:
+        r[20, 41] += 2e-3  # one element, above the fp32 tolerance
+
+    match, res = run(one_off)
+    assert not match and not res.ok and res.first_wrong == 20 * w + 41
+
+    def nudge(r: np.ndarray, n: np.ndarray) -> None:
+        r[:] = np.nextafter(r, np.float32(np.inf))  # another summation order (gloo's) is off by an ulp
+
+    match, res = run(nudge)
+    assert not match and res.ok  # not bit-exact, still within the fp32 tolerance
+
+    def bad_norm(r: np.ndarray, n: np.ndarray) -> None:
+        n[3, 5] += 0.5  # a wrong RMSNorm output with a right residual is caught
+
+    match, res = run(bad_norm)
+    assert not match and not res.ok and res.detail == "RMSNorm output wrong" and res.first_wrong == 3 * w + 5
