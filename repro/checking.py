@@ -282,18 +282,18 @@ class Checker:
         are residual_out and norm_out (`Outputs.packed`)."""
         if self.fp32 and self.digests_match(residual_out, norm_out, call, packed):
             return OK
-        return self.full(residual_out, norm_out, call)
+        return self._full(residual_out, norm_out, call)
 
     def digests_match(
         self, residual_out: np.ndarray, norm_out: np.ndarray | None, call: int, packed: np.ndarray | None = None
     ) -> bool:
         """Tier 1: whether every token's digests equal the expectation's, bit for bit."""
         if packed is not None:
-            return self.packed_ok(packed, call)
+            return self._packed_ok(packed, call)
         return residual_out.shape[-1] == self.width and self._split_ok(residual_out, norm_out, call % PERIOD)
 
-    def packed_ok(self, packed: np.ndarray, call: int) -> bool:
-        """Tier 1 on `Outputs.packed`: the replay's per-call path, kept to a dictionary lookup, one
+    def _packed_ok(self, packed: np.ndarray, call: int) -> bool:
+        """Tier 1 on `Outputs.packed`, the replay's usual path: a dictionary lookup, one
         matrix-vector product and one comparison of bytes."""
         key = len(packed) * PERIOD + call % PERIOD
         want = self._packed.get(key)
@@ -316,7 +316,7 @@ class Checker:
             return False
         return norm_out is None or np.dot(norm_out, self._w).tobytes() == want[1]
 
-    def full(self, residual_out: np.ndarray, norm_out: np.ndarray | None, call: int) -> CheckResult:
+    def _full(self, residual_out: np.ndarray, norm_out: np.ndarray | None, call: int) -> CheckResult:
         """Past the digests: tier 2 for other dtypes, then every element against the tolerance, and wrong
         data classified."""
         group, tp, eps, dtype = self.group, self.tp, self.eps, self.dtype
