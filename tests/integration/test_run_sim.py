@@ -199,13 +199,3 @@ def test_twoshot_divergence_finishes_with_wrong_data_and_is_called_corruption(se
     assert (first["phase"], first["size"], first["layer"]) == ("capture", 16, 1)
     assert a["verdict"]["top_hypothesis"] == "launch-divergence"
     assert "corruption" in r.markdown.splitlines()[0]
-
-
-def test_every_rank_idle_in_the_jit_lock_is_a_host_wait_named_by_stacks(session_reports: Path) -> None:
-    r = _run(session_reports, "mech-jit-lock")
-    assert r.rc == 1
-    v = r.report["analysis"]["verdict"]
-    assert v["cls"] == "host-wait" and v["spinning"] == [] and v["idle"] == [0, 1, 2, 3]
-    assert r.report["analysis"]["hypotheses"][0]["key"] == "jit-lock"
-    assert "JIT file lock" in v["paragraph"]
-    assert max(r.report["watchdog"]["cpu_pct"].values()) < 20
