@@ -511,11 +511,30 @@ def run_waits(rep: dict[str, Any]) -> dict[int, str]:
     return out
 
 
-def fidelity_run(path: Path, backend: str, out: Path, gpu_state: str, i: int) -> dict[str, Any]:
+def group_overlap_ms(run_dir: Path, tp: int, world: int) -> float | None:
+    """How long the TP groups' fused calls overlapped in time (ms; negative: a gap), from the launch logs:
+    TP groups that share buffers can only collide while both are launching."""
+    if world <= tp:
+        return None
+    spans = []
+    for g in range(world // tp):
+        ts = []
+        for r in range(g * tp, (g + 1) * tp):
+            with contextlib.suppress(OSError):
+                for line in (run_dir / "launch" / f"rank{r}.jsonl").read_text().splitlines():
+                    if '"fused"' in line:
+                        ts.append(json.loads(line)["t"])
+        if not ts:
+            return None
+        spans.append((min(ts), max(ts)))
+    return round(1e3 * (min(b for _, b in spans) - max(a for a, _ in spans)), 1)
+
+
+def fidelity_run(path: Path, backend: str, work: Path, gpu_state: str, i: int) -> dict[str, Any]:
     from repro.run import RunOptions, run_scenario
 
     sets = fidelity_sets(path)
-    opts = RunOptions(overrides=[*sets, f"backend={backend}"], reports_dir=out / "runs", live=False, quiet=True,
+    opts = RunOptions(overrides=[*sets, f"backend={backend}"], reports_dir=work, live=False, quiet=True,
                       gpu_state=gpu_state)
     t0 = time.monotonic()
     try:
@@ -537,6 +556,8 @@ def fidelity_run(path: Path, backend: str, out: Path, gpu_state: str, i: int) ->
         "top_hypothesis": a["verdict"].get("top_hypothesis", ""), "expect": rep.get("expect"),
         "expectation_met": outcome.expectation_met, "wall_s": round(time.monotonic() - t0, 1),
         "device": (rep.get("env", {}).get("gpus") or ["cpu"])[0], "flashinfer": fi, "run_dir": str(outcome.run_dir.root),
+        "tp": rep["tp"], "world": rep["world_size"],
+        "group_overlap_ms": group_overlap_ms(outcome.run_dir.root, rep["tp"], rep["world_size"]),
     }
 
 
@@ -555,6 +576,11 @@ def fidelity_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rs = [r for r in runs if (r["scenario"], r["backend"]) == (scen, be) and not r.get("error")]
         errors = [r["error"] for r in runs if (r["scenario"], r["backend"]) == (scen, be) and r.get("error")]
         n, k = len(rs), sum(1 for r in rs if r["hang"])
+        for r in rs:  # rows of runs recorded before the overlap was: read it from the run folder if still there
+            if "group_overlap_ms" not in r and Path(r["run_dir"]).is_dir():
+                rep = json.loads((Path(r["run_dir"]) / "report.json").read_text())
+                r["group_overlap_ms"] = group_overlap_ms(Path(r["run_dir"]), rep["tp"], rep["world_size"])
+        ov = [r for r in rs if r.get("group_overlap_ms") is not None]
         lo, hi = wilson_interval(k, n) if n else (0.0, 1.0)
         waits: dict[str, list[str]] = {}
         for r in rs:
@@ -573,6 +599,10 @@ def fidelity_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "wrong_data": _count([ranks(r["wrong_ranks"]) for r in rs]),
             "first_divergent": _count([r["first_divergent"] for r in rs]),
             "exit_codes": _count([str(r["exit_code"]) for r in rs]),
+            "groups_overlapped": (f"{sum(1 for r in ov if r['group_overlap_ms'] > 0)} / {len(ov)}; hung when "
+                                  f"overlapping {sum(1 for r in ov if r['group_overlap_ms'] > 0 and r['hang'])}, "
+                                  f"when not {sum(1 for r in ov if r['group_overlap_ms'] <= 0 and r['hang'])}")
+            if ov else "-",
             "expect": rs[0]["expect"] if rs else None,
             "expectation_met": sum(1 for r in rs if r["expectation_met"]),
             "device": rs[0]["device"] if rs else "", "flashinfer": rs[0]["flashinfer"] if rs else "",
@@ -583,14 +613,15 @@ def fidelity_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fidelity_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| scenario | backend | hangs / runs | rate (95% Wilson) | verdicts | rank roles | where each rank ended "
-             "| ranks with wrong data | first divergent call | expect met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ranks with wrong data | first divergent call | TP groups' fused calls overlapped | expect met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         waits = "<br>".join(f"r{k}: {v}" for k, v in r["waits"].items()) or "-"
         rate = "-" if r["rate"] is None else f"{100 * r['rate']:.0f}% ({100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%)"
         be = r["backend"] + (f" ({r['device']}, FlashInfer {r['flashinfer']})" if r["backend"] != "sim" else "")
         lines.append(f"| {r['scenario']} | {be} | {r['hangs']} / {r['runs']} | {rate} | {r['verdicts']} | {r['roles']} "
-                     f"| {waits} | {r['wrong_data']} | {r['first_divergent']} | {r['expectation_met']} / {r['runs']} "
+                     f"| {waits} | {r['wrong_data']} | {r['first_divergent']} | {r['groups_overlapped']} "
+                     f"| {r['expectation_met']} / {r['runs']} "
                      f"({r['expect']}) |" + (f" errors: {'; '.join(r['errors'])[:200]}" if r["errors"] else ""))
     return "\n".join(lines) + "\n"
 
@@ -614,7 +645,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 _log(f"out of time budget before {path.stem} run {i + 1}")
                 break
-            res = fidelity_run(path, args.backend, out, args.gpu_state, i)
+            res = fidelity_run(path, args.backend, args.work or out / "runs", args.gpu_state, i)
             with open(log, "a") as f:
                 f.write(json.dumps(res) + "\n")
             _log(json.dumps({k: res.get(k) for k in ("scenario", "i", "verdict", "spinning", "idle", "finished",
@@ -670,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--only", default="", help="comma-separated scenario names (file stems)")
     p.add_argument("--gpu-state", default="auto")
-    p.add_argument("--budget-s", type=float, default=3600)
+    p.add_argument("--budget-s", type=float, default=3600, help="start no new run after this many seconds")
+    p.add_argument("--work", type=Path, default=None, help="where the run folders go (default OUT/runs)")
     p.set_defaults(fn=cmd_fidelity)
     p = sub.add_parser("fidelity-render", help="one table from the fidelity-runs.jsonl of several calls")
     p.add_argument("files", nargs="+")

@@ -175,7 +175,7 @@ def test_tp4_and_tp8_start_ups_run_clean(session_reports: Path, name: str) -> No
 
 
 def test_narrow_payload_does_not_change_who_hangs(session_reports: Path) -> None:
-    """NOTES: the protocols do not depend on the row width. Full width and the sim's width agree."""
+    """docs/mechanisms.md, "Payload scaling": the protocols do not depend on the row width. Full width and the sim's width agree."""
     args = ["--set", "model=llama-3.1-8b", "--set", "model.num_layers=2"]
     full = _run(session_reports, "mech-missing-peer", *args, "--set", "sim.payload_width=4096")
     narrow = _run(session_reports, "mech-missing-peer", *args, "--set", "sim.payload_width=16")
