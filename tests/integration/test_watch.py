@@ -185,9 +185,9 @@ def test_spinning_job_names_the_spinning_rank_and_its_idle_peer(tmp_path: Path) 
 
 
 def test_slow_job_whose_bar_advances_is_never_called_hung(tmp_path: Path) -> None:
-    # The bar moves every 3 s; the stall threshold is 2 s: each pause is suspected, the stack shows the job
+    # The bar moves every 5 s; the stall threshold is 2 s: each pause is suspected, the stack shows the job
     # outside every known wait (time.sleep), so vdiag keeps watching and the bar's next step clears it.
-    d = watch(["--stall-s", "2", "--patience-s", "30", "--", sys.executable, str(JOBS / "slow_bar.py"), "3", "3"],
+    d = watch(["--stall-s", "2", "--patience-s", "30", "--", sys.executable, str(JOBS / "slow_bar.py"), "3", "5"],
               tmp_path)
     assert d.rc == 0, d.stderr
     rep = d.report

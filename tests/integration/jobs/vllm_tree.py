@@ -17,7 +17,8 @@ def set_comm(title: str) -> None:
 
 def child(title: str, *args: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    return subprocess.Popen([title, os.path.abspath(__file__), *args], executable=sys.executable, env=env)
+    exe = os.readlink("/proc/self/exe")  # sys.executable is empty when argv[0] is a title
+    return subprocess.Popen([title, os.path.abspath(__file__), *args], executable=exe, env=env)
 
 
 def main() -> None:
