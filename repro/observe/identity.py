@@ -73,8 +73,8 @@ def identify(
         title, trole, tags = parsed
         fields["title"] = title
         role = trole
-        src["title"] = "process title (/proc/%d/cmdline)" % pid if cmdline and parse_title(cmdline[0]) else \
-            f"process name (/proc/{pid}/comm)"
+        from_argv = bool(cmdline) and parse_title(cmdline[0]) is not None
+        src["title"] = f"process title (/proc/{pid}/cmdline)" if from_argv else f"process name (/proc/{pid}/comm)"
         for key, name in (("TP", "tp_rank"), ("PP", "pp_rank"), ("DP", "dp_rank")):
             if key in tags:
                 fields[name] = tags[key]

@@ -146,7 +146,7 @@ class Monitor:
     def _verdict(self, cls: str, subjects: dict[int, Tracked], since: float, note: str = "") -> WatchdogVerdict:
         busy, idle, gone = classify(subjects, since, self.cfg.busy_cpu_pct)
         v = WatchdogVerdict(
-            cls=cls,  # type: ignore[arg-type]
+            cls=cls,  # type: ignore[arg-type,unused-ignore]
             stall_s=round(self.cfg.stall_s, 3), started_t=self.started_wall, last_progress_t=self.last_progress_wall,
             verdict_t=time.time(), busy_ranks=busy if cls not in ("clean", "slow", "crash") else [],
             idle_ranks=idle if cls not in ("clean", "slow", "crash") else [],

@@ -15,7 +15,7 @@ from repro.diagnose import Evidence, JobContext, diagnose
 from repro.errors import ExitCode, ScenarioError
 from repro.observe.collect import collect
 from repro.observe.job import Job
-from repro.observe.monitor import MonitorResult, WatchConfig, Monitor
+from repro.observe.monitor import Monitor, MonitorResult, WatchConfig
 from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, check_pid
 from repro.records import ObservedJob, Report
@@ -67,7 +67,7 @@ def _job_record(mode: str, command: str, roots: list[int], tree: ProcessTree, re
         if t.exited and t.exit_status is None and t.pid in roots:
             t.exit_status = returncode
     return ObservedJob(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type,unused-ignore]
         command=command, root_pids=roots,
         processes=tree.observed(res.since, opts.watch.busy_cpu_pct, waits),
         progress=scanner.marks() if scanner else [], output_lines=scanner.lines if scanner else 0,

@@ -117,7 +117,7 @@ def gloo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         attach = Done(a.returncode, a.stdout, a.stderr, attach_reports)
         still = alive(pids)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
         wait_for(lambda: not alive(pids), 20, "the job to end after Ctrl-C")
         yield Shared(proc.returncode, rep, md, attach, still, pids, alive(pids), err)
     finally:
