@@ -22,15 +22,21 @@ def main() -> None:
                      run_token=f"{os.getpid()}-watchtest", max_tokens=64, width=WIDTH)
     try:
         sim.create_workspace("tp")
-        tokens = 17 if rank == 0 else 16  # the divergence
-        x = np.ones((tokens, WIDTH), dtype=np.float32)
-        res = np.zeros_like(x)
-        gamma = np.ones(WIDTH, dtype=np.float32)
-        lc = launch_config(token_num=tokens, hidden=8192, elem_bytes=2, oneshot=True, nranks=world, sm_count=132)
-        spec = CallSpec(token_num=tokens, oneshot=True, launch=lc, eps=1e-5, dtype="bf16", phase="capture", seq=0)
-        print(f"rank {rank}: fused call with {tokens} tokens", flush=True)
-        sim.fused(x, res, gamma, spec)
-        print(f"rank {rank}: call returned", flush=True)
+        diverge = os.environ.get("SIM_DIVERGE", "1") == "1"  # 0: a clean job (the benchmark)
+        calls = int(os.environ.get("SIM_CALLS", "1"))
+        for i in range(calls):
+            tokens = 17 if rank == 0 and diverge else 16  # the divergence
+            x = np.ones((tokens, WIDTH), dtype=np.float32)
+            res = np.zeros_like(x)
+            gamma = np.ones(WIDTH, dtype=np.float32)
+            lc = launch_config(token_num=tokens, hidden=8192, elem_bytes=2, oneshot=True, nranks=world,
+                               sm_count=132)
+            spec = CallSpec(token_num=tokens, oneshot=True, launch=lc, eps=1e-5, dtype="bf16", phase="capture",
+                            seq=i)
+            if i == 0 or (i + 1) % 100 == 0:
+                print(f"rank {rank}: fused call {i + 1}/{calls} with {tokens} tokens", flush=True)
+            sim.fused(x, res, gamma, spec)
+        print(f"rank {rank}: calls returned", flush=True)
         dist.barrier()
     finally:
         sim.close()
