@@ -383,6 +383,7 @@ class ObservedJob(_Rec):
     instrumented: bool = False
     on_hang: str = "report"
     stragglers: list[int] = []  # ranks outside every known wait when the verdict was given
+    interrupted: bool = False  # Ctrl-C on vdiag before any hang was seen: the job was ended
     facts: list[Fact] = []
 
 

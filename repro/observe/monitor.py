@@ -223,6 +223,15 @@ class Monitor:
         finally:
             self.close()
 
+    def interrupted(self) -> MonitorResult:
+        """Ctrl-C before a verdict: where every rank was at that moment (Python stacks), for the report."""
+        self.tree.refresh()
+        subjects, numbered = self.tree.subjects()
+        now = time.monotonic()
+        probe = probe_waits(subjects, self.run_dir)
+        v = self._verdict("timeout", subjects, now - 5, note="interrupted by the user (Ctrl-C) before any hang was seen")
+        return MonitorResult(False, None, v, probe, subjects, numbered, now - 5)
+
     # ---- attach: sample a job that is already hung ----------------------------------------------------
     def sample(self, seconds: float) -> MonitorResult:
         start = time.monotonic()

@@ -99,6 +99,26 @@ def _report(run_dir: RunDir, mode: str, command: str, roots: list[int], tree: Pr
     return rep, int(code)
 
 
+INTERRUPTED = 130
+
+
+def _interrupted_report(run_dir: RunDir, command: str, root: int, tree: ProcessTree, res: MonitorResult,
+                        opts: ObserveOptions, scanner: ProgressScanner, started: dt.datetime, t0: float,
+                        notes: list[str]) -> Report:
+    """Ctrl-C before any hang: the stacks taken at that moment, the environment, what the job printed."""
+    from repro.collectors.environment import collect_env
+
+    env = collect_env(run_dir, "").model_copy(update={"command_line": command})
+    job = _job_record("watch", command, [root], tree, res, opts, scanner, None)
+    job = job.model_copy(update={"interrupted": True, "stragglers": []})
+    ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()}, numbered=res.numbered,
+                     started=started, duration_s=time.monotonic() - t0, exit_code=INTERRUPTED)
+    ev = Evidence(watchdog=res.verdict, stacks=list(res.probe.stacks.values()), env=env,
+                  notes=[*notes, "vdiag was interrupted (Ctrl-C) and ended the job; the stacks are Python-only "
+                                 "ones taken at that moment"])
+    return diagnose(run_dir, ev, ctx)
+
+
 def _render(rep: Report, opts: ObserveOptions) -> None:
     if opts.quiet:
         return
@@ -162,11 +182,16 @@ def watch_command(argv: list[str], opts: ObserveOptions) -> Outcome:
             time.sleep(0.5)
         return Outcome(rep, run_dir, code)
     except KeyboardInterrupt:
-        job.end()
-        if rep is None:
-            _say(opts, "vdiag: interrupted before any hang was seen; the job was ended")
-            return Outcome(None, run_dir, 130)
-        return Outcome(rep, run_dir, code)
+        if rep is not None:  # the hang was reported already: end the job, exit 1
+            job.end()
+            return Outcome(rep, run_dir, code)
+        try:
+            res = mon.interrupted()
+        finally:
+            job.end()
+        rep = _interrupted_report(run_dir, command, job.pid, tree, res, opts, scanner, started, t0, notes)
+        _say(opts, f"vdiag: interrupted before any hang was seen; the job was ended; {run_dir.report_md}")
+        return Outcome(rep, run_dir, INTERRUPTED)
     finally:
         if job.returncode() is None:
             job.end()

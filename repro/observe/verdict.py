@@ -75,6 +75,15 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
                 "not hung.") if wd.cls == "slow" else ""
         return Verdict(cls=wd.cls, headline=f"{wd.cls}: the command finished (exit status 0) and no hang was seen",
                        paragraph=f"The command ran to its end with exit status 0.{slow}")
+    if job.interrupted:
+        live = sorted(set(wd.busy_ranks) | set(wd.idle_ranks))
+        where = "; ".join(f"{who} {r} was {'busy' if r in wd.busy_ranks else 'idle'} in "
+                          f"{where_waiting(stacks.get(r)) or innermost(stacks.get(r)) or 'an unknown place'}"
+                          for r in live)
+        return Verdict(cls="interrupted", headline="interrupted: the job was ended by Ctrl-C before any hang was seen",
+                       paragraph="vdiag was interrupted before the job stalled for the threshold, so nothing is "
+                                 "judged. " + (f"At that moment: {where}." if where else ""),
+                       spinning=[], idle=[])
     live = sorted(set(wd.busy_ranks) | set(wd.idle_ranks))
     coll = {r: collective_of(stacks.get(r)) for r in live}
     site = {r: where_waiting(stacks.get(r)) for r in live}

@@ -216,3 +216,27 @@ def test_missing_command_is_a_one_line_usage_error(tmp_path: Path) -> None:
     d = watch(["--", "no-such-program-xyz"], tmp_path)
     assert d.rc == 2
     assert d.stderr.strip().count("\n") == 0 and "no-such-program-xyz" in d.stderr and "Traceback" not in d.stderr
+
+
+def test_ctrl_c_before_a_hang_ends_the_job_and_keeps_a_report(tmp_path: Path) -> None:
+    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(tmp_path), "--quiet", "--stall-s", "60", "--",
+                             sys.executable, str(JOBS / "slow_bar.py"), "1", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
+    try:
+        wait_for(lambda: any(p.stat().st_size > 0 for p in tmp_path.glob("*/logs/output.log")), 60, "the bar")
+        job = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert job
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert alive(job) == []
+    d = Done(proc.returncode, "", err, tmp_path)
+    v = d.report["analysis"]["verdict"]
+    assert v["cls"] == "interrupted"
+    assert "process 0 was idle in <module> (slow_bar.py:14)" in v["paragraph"]  # where it was, from its stack
+    assert d.report["observed"]["interrupted"] is True
+    assert d.report["observed"]["progress"][0]["n"] == 0
