@@ -60,9 +60,9 @@ def env() -> dict[str, str]:
     return e
 
 
-def watch(args: list[str], reports: Path, timeout: float = 180) -> Done:
+def watch(args: list[str], reports: Path, timeout: float = 180, extra_env: dict[str, str] | None = None) -> Done:
     p = subprocess.run([*vdiag_bin(), "watch", "--reports", str(reports), "--quiet", *args], capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT, env=env())
+                       text=True, timeout=timeout, cwd=ROOT, env={**env(), **(extra_env or {})})
     return Done(p.returncode, p.stdout, p.stderr, reports)
 
 
@@ -163,6 +163,23 @@ def test_attach_on_the_same_hung_job_gives_the_same_verdict_and_leaves_it_alive(
     assert a.report["observed"]["mode"] == "attach"
     assert "never stops or kills" in a.markdown
     assert sorted(gloo.alive_after_attach) == sorted(gloo.pids)  # attach left every process of the job alive
+
+
+def test_a_straggler_past_the_patience_window_is_named_not_called_a_deadlock(tmp_path: Path) -> None:
+    # Rank 1 skips the all_reduce and then spends 60 s on the host outside any collective: rank 0 waits in
+    # the all_reduce (a known wait), rank 1 is outside every known wait, so vdiag keeps watching for the
+    # patience window (4 s here) and then reports, naming rank 1 as the straggler.
+    d = watch(["--stall-s", "2", "--patience-s", "4", "--on-hang", "kill", "--", *torchrun("gloo_skip.py")],
+              tmp_path, extra_env={"JOB_STRAGGLE_S": "60"})
+    assert d.rc == 1, d.stderr
+    assert "keeps watching" in d.stderr
+    rep = d.report
+    assert rep["observed"]["stragglers"] == [1]
+    v = rep["analysis"]["verdict"]
+    assert v["cls"] == "host-wait"
+    assert "rank 0 waits in all_reduce for rank 1" in v["headline"]
+    assert "Rank 1 stayed outside every known wait" in v["paragraph"] and "gloo_skip.py:" in v["paragraph"]
+    assert alive(job_pids(d.run_dir)) == []
 
 
 # ---- a job that spins: the sim's protocol under plain torchrun ----------------------------------------

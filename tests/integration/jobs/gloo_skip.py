@@ -4,11 +4,15 @@ all_reduce; the skipping rank goes on to the barrier at the end and blocks there
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 SKIP = int(os.environ.get("JOB_SKIP_RANK", "1"))
+# With JOB_STRAGGLE_S, the skipping rank first spends that long on the host (a slow file system, say),
+# outside any collective, before it reaches the barrier.
+STRAGGLE_S = float(os.environ.get("JOB_STRAGGLE_S", "0"))
 
 
 def step(t: torch.Tensor, rank: int) -> None:
@@ -24,6 +28,8 @@ def main() -> None:
         dist.all_reduce(t)
         print(f"rank {rank}: warm-up {i + 1}/3", flush=True)
     step(t, rank)
+    if rank == SKIP and STRAGGLE_S:
+        time.sleep(STRAGGLE_S)
     dist.barrier()
     print(f"rank {rank}: done", flush=True)
     dist.destroy_process_group()
