@@ -104,8 +104,8 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
             desc = []
             for r in missing:
                 c, loc = coll[r]
-                w = f"in {c}" + (f" ({loc})" if loc else "") if c else (site[r] or innermost(stacks.get(r))
-                                                                        or "somewhere vdiag could not see")
+                w = "in " + (f"{c}" + (f" ({loc})" if loc else "") if c else (
+                    site[r] or innermost(stacks.get(r)) or "a place vdiag could not see"))
                 desc.append(f"{who} {r} is {w}")
             sentences.append(f"{_rs(missing)} never entered that {main}: " + "; ".join(desc))
             headline = (f"{wd.cls}: {_rs(inside)} wait{'s' if len(inside) == 1 else ''} in {main} for "
@@ -145,7 +145,10 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
         sentences.append(f"vdiag attached to the running job and sampled its activity for {wd.stall_s:g} s; "
                          "it did not see when the stall began")
     para = ". ".join(s[0].upper() + s[1:] for s in sentences if s) + "."
-    if top is not None:
+    if job.stragglers:
+        para += (" A rank busy elsewhere on the host looks like a missing peer until it returns, so no cause is "
+                 "called supported here; the hypotheses below are weighed on the stacks as they were.")
+    elif top is not None:
         para += f" Most likely cause: {top.title[0].lower() + top.title[1:]} ({top.status})."
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=wd.busy_ranks, idle=wd.idle_ranks,
                    top_hypothesis=top.key if top else "")
