@@ -79,10 +79,12 @@ def identify(
             if key in tags:
                 fields[name] = tags[key]
                 src[name] = "process title"
-        if trole == "worker" and "TP" not in tags:
+        # A missing tag means a group of one only in the full title; the kernel's 15-character name may
+        # have cut the tags off, so there a missing tag stays unknown.
+        if trole == "worker" and from_argv and "TP" not in tags:
             fields["tp_rank"] = 0  # vLLM leaves out the tag of a group of one
             src["tp_rank"] = "process title (no _TP tag: TP size 1)"
-        if trole == "worker" and "PP" not in tags:
+        if trole == "worker" and from_argv and "PP" not in tags:
             fields["pp_rank"] = 0
             src["pp_rank"] = "process title (no _PP tag: PP size 1)"
     elif role == "process" and is_torchrun_agent(cmdline):
