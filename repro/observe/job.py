@@ -88,6 +88,7 @@ class Job:
 
     def _pump_fd(self, fd: int, out: IO[str]) -> None:
         buf = getattr(out, "buffer", None)
+        pending = ""  # the log gets whole lines, so that redaction never sees half a secret
         while True:
             try:
                 data = os.read(fd, 65536)
@@ -104,10 +105,20 @@ class Job:
                     out.flush()
             text = data.decode(errors="replace")
             self.scanner.feed(text)
-            with self._lock:
-                if self._log is not None:
-                    self._log.write(redact_text(text))
-                    self._log.flush()
+            pending += text
+            cut = max(pending.rfind("\n"), pending.rfind("\r"))
+            if cut >= 0 or len(pending) > 1 << 20:
+                whole, pending = (pending[: cut + 1], pending[cut + 1:]) if cut >= 0 else (pending, "")
+                self._write_log(whole)
+        self._write_log(pending)
+
+    def _write_log(self, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self._log is not None:
+                self._log.write(redact_text(text))
+                self._log.flush()
 
     def _forward_stdin(self, master: int) -> None:
         sel = selectors.DefaultSelector()

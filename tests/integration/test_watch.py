@@ -217,8 +217,13 @@ def test_slow_job_whose_bar_advances_is_never_called_hung(tmp_path: Path) -> Non
     assert "\r" in d.stderr or "3/3" in d.stderr  # the bar itself passed through
 
 
+SECRET_ARG = "sk-proj-0123456789abcdefABCDEF"
+SECRET_ENV = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+
+
 def test_crashing_job_exits_4_with_its_status_and_last_lines(tmp_path: Path) -> None:
-    d = watch(["--stall-s", "30", "--", sys.executable, str(JOBS / "crash.py")], tmp_path)
+    d = watch(["--stall-s", "30", "--", sys.executable, str(JOBS / "crash.py"), "--api-key", SECRET_ARG], tmp_path,
+              extra_env={"HF_TOKEN": SECRET_ENV})
     assert d.rc == 4, d.stderr
     rep = d.report
     assert rep["analysis"]["verdict"]["cls"] == "crash"
@@ -227,6 +232,11 @@ def test_crashing_job_exits_4_with_its_status_and_last_lines(tmp_path: Path) -> 
     assert any("CUDA out of memory" in ln for ln in rep["observed"]["output_tail"])
     assert "CUDA out of memory" in d.markdown
     assert "loading weights 2/2" in d.stdout  # stdout passed through
+    assert SECRET_ARG in d.stderr  # the job printed its own secret: it passes through to the user's terminal...
+    for path in d.run_dir.rglob("*"):  # ...but nothing of it, or of the environment's, reaches the run folder
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert SECRET_ARG not in text and SECRET_ENV not in text, path
 
 
 def test_missing_command_is_a_one_line_usage_error(tmp_path: Path) -> None:
