@@ -267,3 +267,30 @@ def test_ctrl_c_before_a_hang_ends_the_job_and_keeps_a_report(tmp_path: Path) ->
     assert "process 0 was idle in <module> (slow_bar.py:14)" in v["paragraph"]  # where it was, from its stack
     assert d.report["observed"]["interrupted"] is True
     assert d.report["observed"]["progress"][0]["n"] == 0
+
+
+FAKE_COMM = """
+def trtllm_allreduce_fusion(allreduce_in, world_size, world_rank, token_num, hidden_dim, workspace_ptrs,
+                            launch_with_pdl, trigger_completion_at_end, fp32_acc, pattern_code, use_oneshot,
+                            allreduce_out, residual_in, residual_out, norm_out, quant_out, scale_out, rms_gamma,
+                            rms_eps, scale_factor, layout_code, metadata=None):
+    return None
+"""
+
+
+def test_instrumentation_records_fused_calls_in_a_watched_python_process(tmp_path: Path) -> None:
+    pkg = tmp_path / "site" / "flashinfer" / "comm"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text(FAKE_COMM)
+    d = watch(["--stall-s", "30", "--", sys.executable, str(JOBS / "fake_flashinfer_job.py"), str(tmp_path / "site")],
+              tmp_path / "reports")
+    assert d.rc == 0, d.stderr
+    events = [json.loads(ln) for ln in (d.run_dir / "launch" / "rank0.jsonl").read_text().splitlines()]
+    launch = next(e for e in events if e["ev"] == "launch")
+    assert launch["token_num"] == 16 and launch["hidden"] == 512 and launch["oneshot"] is True
+    assert launch["grid"] and launch["block"]  # computed by repro.launch_math
+    assert d.report["observed"]["instrumented"] is True
+    plain = watch(["--no-instrument", "--stall-s", "30", "--", sys.executable, str(JOBS / "fake_flashinfer_job.py"),
+                   str(tmp_path / "site")], tmp_path / "plain")
+    assert plain.rc == 0 and not (plain.run_dir / "launch" / "rank0.jsonl").exists()
