@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro.diagnose import Evidence, JobContext, diagnose
-from repro.errors import ExitCode, ScenarioError
+from repro.errors import EnvironmentProblem, ExitCode, ScenarioError
 from repro.observe.collect import collect
 from repro.observe.job import Job
 from repro.observe.monitor import Monitor, MonitorResult, WatchConfig
@@ -135,6 +136,12 @@ def watch_command(argv: list[str], opts: ObserveOptions) -> Outcome:
                             "vdiag watch -- torchrun --nproc-per-node 2 job.py")
     if opts.on_hang not in ("report", "kill"):
         raise ScenarioError(f"--on-hang {opts.on_hang!r}: allowed values are report, kill")
+    if shutil.which(argv[0]) is None:  # before any run folder exists
+        if os.sep in argv[0] and os.path.exists(argv[0]):
+            raise EnvironmentProblem(f"vdiag watch: {argv[0]!r}: permission denied (not executable); chmod +x it "
+                                     "or run it through its interpreter")
+        raise ScenarioError(f"vdiag watch: {argv[0]!r}: command not found; give the program to run after `--` "
+                            "(its full path, or one on PATH), e.g. vdiag watch -- torchrun --nproc-per-node 2 job.py")
     command = " ".join(redact_argv(argv))
     opts.reports_dir.mkdir(parents=True, exist_ok=True)
     run_dir = RunDir.create(opts.reports_dir, "watch-" + os.path.basename(argv[0]))

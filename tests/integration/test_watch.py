@@ -243,6 +243,7 @@ def test_missing_command_is_a_one_line_usage_error(tmp_path: Path) -> None:
     d = watch(["--", "no-such-program-xyz"], tmp_path)
     assert d.rc == 2
     assert d.stderr.strip().count("\n") == 0 and "no-such-program-xyz" in d.stderr and "Traceback" not in d.stderr
+    assert "command not found" in d.stderr and list(tmp_path.iterdir()) == []  # no half-made run folder
 
 
 def test_ctrl_c_before_a_hang_ends_the_job_and_keeps_a_report(tmp_path: Path) -> None:

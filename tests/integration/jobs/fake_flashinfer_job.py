@@ -7,7 +7,7 @@ import sys
 import torch
 
 sys.path.insert(0, sys.argv[1])
-from flashinfer.comm import trtllm_allreduce_fusion  # noqa: E402
+from flashinfer.comm import trtllm_allreduce_fusion
 
 x = torch.zeros(16, 512, dtype=torch.bfloat16)
 trtllm_allreduce_fusion(
