@@ -2,8 +2,8 @@
 
 Progress is anything the job shows: a tqdm bar that advances or an output line of a shape not seen before
 (`repro.observe.progress`), a new process in the tree, and, with the instrumentation loaded, a new event
-in a rank's launch log. When nothing moved for ``stall_s``, CPU time per process is averaged over a short
-confirmation window and every rank's Python stack is taken (py-spy, Python frames only, a few
+in a rank's launch log. When nothing moved for ``stall_s``, CPU time per process (and, for a process NVML
+shows on a GPU, that GPU's utilisation) is averaged over a short confirmation window and every rank's Python stack is taken (py-spy, Python frames only, a few
 milliseconds of pause). Then the straggler rule: a rank that is outside every known wait (no collective,
 lock, synchronisation or spin-wait site in its stack, `repro.analysis.where_waiting`) is still working on
 the host (a JIT build, torch.compile, a slow file system), so vdiag keeps watching, probing again now and
@@ -27,6 +27,7 @@ from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, Tracked
 from repro.records import ActivitySample, StackSample, WatchdogVerdict
 from repro.rundir import RunDir
+from repro.watchdog import GpuSampler
 
 DEFAULT_STALL_S = 180.0  # model loading and torch.compile print nothing for minutes; see docs/watch.md
 DEFAULT_PATIENCE_S = 600.0
@@ -63,11 +64,15 @@ class MonitorResult:
 
 
 def classify(subjects: dict[int, Tracked], since: float, busy_pct: float) -> tuple[list[int], list[int], list[int]]:
+    """Busy: a core's share of CPU time at or above busy_pct, or its GPU at 50 % or more (NVML) while the
+    process still runs on the CPU a little (the rule of `repro.watchdog`)."""
     busy, idle, gone = [], [], []
     for r, t in subjects.items():
+        cpu = t.cpu_pct(since)
+        gpu = t.gpu_pct(since)
         if t.exited:
             gone.append(r)
-        elif t.cpu_pct(since) >= busy_pct:
+        elif cpu >= busy_pct or (gpu is not None and gpu >= 50 and cpu >= 5):
             busy.append(r)
         else:
             idle.append(r)
@@ -112,6 +117,7 @@ class Monitor:
         self.last_progress_wall: float | None = None
         self.slow_resumed = 0
         self._activity = open(run_dir.activity, "a")  # noqa: SIM115
+        self.gpu = GpuSampler()
 
     # ---- progress sources ------------------------------------------------------------------------
     def _launch_logs_moved(self) -> bool:
@@ -139,7 +145,14 @@ class Monitor:
             if t.exited:
                 continue
             pct = t.cpu_pct(now - 2 * self.cfg.sample_interval_s)
-            s = ActivitySample(t=wall, rank=r, cpu_pct=round(pct, 1), progress=self.scanner.lines if self.scanner else 0)
+            util = power = clock = None
+            if t.identity.nvml_gpus and self.gpu.nvml is not None:
+                util, power, clock = self.gpu.sample(t.identity.nvml_gpus[0])
+                if util is not None:
+                    t.gpu.append((now, util))
+                    del t.gpu[:-600]
+            s = ActivitySample(t=wall, rank=r, cpu_pct=round(pct, 1), progress=self.scanner.lines if self.scanner else 0,
+                               gpu_util=util, gpu_power_w=power, sm_clock_mhz=clock)
             self._activity.write(s.model_dump_json() + "\n")
         self._activity.flush()
 
@@ -152,6 +165,7 @@ class Monitor:
             idle_ranks=idle if cls not in ("clean", "slow", "crash") else [],
             finished_ranks=gone if cls not in ("crash",) else [],
             cpu_pct={r: round(t.cpu_pct(since), 1) for r, t in subjects.items()},
+            gpu_util={r: round(g, 1) for r, t in subjects.items() if (g := t.gpu_pct(since)) is not None},
             slow_resumed=self.slow_resumed, note=note,
         )
         self.run_dir.watchdog_json.write_text(v.model_dump_json(indent=2))
@@ -160,6 +174,7 @@ class Monitor:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._activity.close()
+        self.gpu.close()
 
     # ---- watch: until the job ends or a stall is confirmed -----------------------------------------
     def watch(self) -> MonitorResult:

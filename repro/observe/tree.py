@@ -77,6 +77,7 @@ class Tracked:
     identity: ProcessIdentity
     first_seen: float
     cpu: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, cpu seconds)
+    gpu: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, NVML utilisation % of its GPU)
     exited: bool = False
     exit_status: int | None = None
 
@@ -86,6 +87,10 @@ class Tracked:
 
     def cpu_s(self) -> float | None:
         return self.cpu[-1][1] if self.cpu else None
+
+    def gpu_pct(self, since: float) -> float | None:
+        vals = [u for t, u in self.gpu if t >= since]
+        return sum(vals) / len(vals) if vals else None
 
     def cpu_pct(self, since: float) -> float:
         pts = [p for p in self.cpu if p[0] >= since]
