@@ -12,10 +12,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from repro import __version__
-from repro.analysis import analyze, where_waiting
+from repro.analysis import analyze
 from repro.launchlog import read_rank_log
 from repro.layout import place
-from repro.observe.verdict import collective_of, innermost, observed_verdict
+from repro.observe.verdict import innermost, observed_verdict, wait_text
 from repro.records import (
     CollectorRun,
     EnvInfo,
@@ -90,13 +90,10 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
             out.append(Fact(text=f"pid {pid} holds memory on GPU {','.join(map(str, p.identity.nvml_gpus))}",
                             how="observed", source="NVML"))
         s = stacks.get(r)
-        if s is not None:
-            w = where_waiting(s)
-            c, loc = collective_of(s)
-            if c or w:
-                out.append(Fact(text=f"{'process' if ctx.numbered else 'rank'} {r}'s stack is in "
-                                     + (f"torch.distributed's {c}" + (f" from {loc}" if loc else "") if c else w),
-                                how="observed", source=s.source))
+        w = wait_text(s)
+        if s is not None and w:
+            out.append(Fact(text=f"{'process' if ctx.numbered else 'rank'} {r}'s stack is in {w}", how="observed",
+                            source=s.source))
     for m in job.progress[-3:]:
         out.append(Fact(text=f"progress bar {m.label!r} at {m.n}/{m.total} ({m.updates} updates)", how="observed",
                         source="the job's output"))
@@ -139,8 +136,7 @@ def diagnose(run_dir: RunDir, ev: Evidence, ctx: JobContext) -> Report:
         state = {"busy": "busy", "idle": "idle", "exited": "exited"}.get(p.state if p else "", "unknown")
         if ev.watchdog.cls == "crash" and p is not None and p.state == "exited":
             state = "exited"
-        c, loc = collective_of(stacks_by_rank.get(r))
-        site = (f"in {c}" + (f" ({loc})" if loc else "")) if c else where_waiting(stacks_by_rank.get(r))
+        site = wait_text(stacks_by_rank.get(r))
         if not site and stacks_by_rank.get(r) is not None:
             site = innermost(stacks_by_rank[r])
         summaries.append(RankSummary(

@@ -19,6 +19,7 @@ from repro.observe.job import Job
 from repro.observe.monitor import Monitor, MonitorResult, WatchConfig
 from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, check_pid
+from repro.observe.verdict import wait_text
 from repro.records import ObservedJob, Report
 from repro.redact import redact_argv
 from repro.rundir import RunDir
@@ -63,7 +64,7 @@ def _signal_name(rc: int | None) -> str | None:
 
 def _job_record(mode: str, command: str, roots: list[int], tree: ProcessTree, res: MonitorResult,
                 opts: ObserveOptions, scanner: ProgressScanner | None, returncode: int | None) -> ObservedJob:
-    waits = {res.subjects[r].pid: w for r, w in res.probe.waits.items() if r in res.subjects}
+    waits = {res.subjects[r].pid: wait_text(st) for r, st in res.probe.stacks.items() if r in res.subjects}
     for t in tree.procs.values():
         if t.exited and t.exit_status is None and t.pid in roots:
             t.exit_status = returncode

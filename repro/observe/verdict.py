@@ -44,6 +44,15 @@ def collective_of(s: StackSample | None) -> tuple[str, str]:
     return "", ""
 
 
+def wait_text(s: StackSample | None) -> str:
+    """Where a stack waits, in the words of an observed job: the torch.distributed call and its caller where
+    there is one, else the known wait site (`repro.analysis.where_waiting`), else ""."""
+    c, loc = collective_of(s)
+    if c:
+        return f"torch.distributed's {c}" + (f" ({loc})" if loc else "")
+    return where_waiting(s)
+
+
 def innermost(s: StackSample | None) -> str:
     if s is None:
         return ""
