@@ -55,6 +55,9 @@ def _installed(kind: str) -> None:
 
         if kind == "flashinfer":
             instrument.install_flashinfer(import_modules=())
+            jit = getattr(instrument, "install_flashinfer_jit", None)  # FlashInfer's JIT builds, where vdiag has it
+            if jit is not None:
+                jit()
         else:
             instrument.install_vllm_progress()
             if any(m.startswith("flashinfer.comm") for m in sys.modules):
