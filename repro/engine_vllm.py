@@ -257,7 +257,7 @@ def _start_llm(run_dir: Path, rank: int, log: LaunchLogWriter, plan: VllmPlan, a
 
         if rec is not None:
             rec.set_phase("generate", size=plan.generate_tokens)
-        sp = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
+        sp = SamplingParams(**{"max_tokens": 4, "ignore_eos": True, "detokenize": False, **plan.sampling})
         llm.generate([{"prompt_token_ids": [1] * plan.generate_tokens}], sp)
     log.emit("phase", phase="finish")
     _barrier()
@@ -333,7 +333,7 @@ def _run_mp(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, plan: 
     kw = dict(plan.llm_kwargs)
     kw["distributed_executor_backend"] = "mp"
     plan = VllmPlan(llm_kwargs=kw, executor="mp", env=plan.env, instrument=plan.instrument, notes=plan.notes,
-                    generate_tokens=plan.generate_tokens)
+                    generate_tokens=plan.generate_tokens, sampling=plan.sampling)
     facts["instrumentation"] = {"flashinfer": {}, "progress": ["in each vLLM worker process"], "errors": []}
     _write_facts(run_dir, rank, facts)
     # This process only hosts the engine core; rank 0's vLLM worker announces its own pid in rank0.jsonl.
