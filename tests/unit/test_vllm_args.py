@@ -526,5 +526,5 @@ def test_unset_max_model_len_is_the_config_s_and_checked_against_it(tmp_path: Pa
 def test_sampling_block(tmp_path: Path) -> None:
     plan = build_plan(_tp1("}\nvllm: {generate: 8, sampling: {top_p: 0.9}}\n"), tmp_path, NEWEST_API)
     assert plan.generate_tokens == 8 and plan.sampling == {"top_p": 0.9}
-    with pytest.raises(ScenarioError, match="vllm.sampling: expected a mapping"):
+    with pytest.raises(ScenarioError, match=r"vllm\.sampling: expected a mapping"):
         build_plan(_tp1("}\nvllm: {sampling: 0.9}\n"), tmp_path, NEWEST_API)
