@@ -79,7 +79,8 @@ def run_case(name: str, out: Path, model: Path, timeout: float) -> dict[str, Any
     text = log.read_text(errors="replace")
     lines = text.splitlines()
     first_err = next((m.group(1) for ln in lines for m in [ERR.search(ln)] if m and "Warning" not in ln), "")
-    frames = [ln.strip() for ln in lines if ln.strip().startswith('File "')]
+    bare = [re.sub(r"^\[rank\d+\]:\s*", "", ln).strip() for ln in lines]  # vLLM prefixes "[rank0]: "
+    frames = [ln for ln in bare if ln.startswith('File "')]
     rec = {
         "case": name, "llm_kwargs": {k: v for k, v in kw.items() if k not in ("model", "tokenizer")},
         "env": env_extra, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "ok": "PROBE_OK" in text,

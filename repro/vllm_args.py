@@ -378,10 +378,11 @@ def oversized_batch(kw: dict[str, Any]) -> str:
     max_num_batched_tokens fault"): an explicit max_num_batched_tokens above max_num_seqs x max_model_len.
 
     vLLM only warns about it (SchedulerConfig.verify_max_model_len); its warm-up dummy runs
-    (compile_or_warm_up_model for the largest compile range, FlashInfer autotune) then spread
-    max_num_batched_tokens over max_num_seqs dummy requests, each longer than max_model_len, whose block
-    tables are sized for max_model_len. Returns the note for the report, or "" when the combination is safe
-    or not fully known here (vLLM defaults fill what is unset, and are never oversized)."""
+    (kernel_warmup's FlashInfer autotune, compile_or_warm_up_model's largest compile range) then spread
+    max_num_batched_tokens over max_num_seqs dummy requests (GPUModelRunner._dummy_run), each longer than
+    max_model_len, whose block tables hold max_model_len tokens. Returns the note for the report, or ""
+    when the combination is safe or not fully known (vLLM's own defaults are capped at
+    max_num_seqs x max_model_len, so they never are)."""
     try:
         tokens = int(kw["max_num_batched_tokens"])
         seqs = int(kw["max_num_seqs"])
@@ -392,9 +393,12 @@ def oversized_batch(kw: dict[str, Any]) -> str:
         return ""
     per_req = -(-tokens // seqs)
     return (f"computed: max_num_batched_tokens {tokens} > max_num_seqs {seqs} x max_model_len {max_len} = "
-            f"{seqs * max_len}: vLLM accepts this with a warning, and its warm-up dummy runs then build "
-            f"{seqs} requests of up to {per_req} tokens, longer than max_model_len; on vLLM 0.26.0 (H200) "
-            "this start-up died with 'CUDA error: an illegal memory access'")
+            f"{seqs * max_len}: vLLM accepts this with a warning, and its warm-up dummy run of {tokens} tokens "
+            f"(FlashInfer autotune, compile-range warm-up) then builds {seqs} requests of up to {per_req} tokens, "
+            "longer than max_model_len, against block tables sized for max_model_len; vLLM 0.26.0 on an H200 "
+            "died there with 'CUDA error: an illegal memory access' in the attention kernel (FlashAttention-3 "
+            "and vLLM's Triton attention alike): lower max_num_batched_tokens to max_num_seqs x max_model_len "
+            "or raise max_model_len")
 
 
 _FLAG_ALIASES = {
