@@ -7,13 +7,14 @@
 #   1. carry [".vla"]:  bash gpu/vllm-unpack.sh a
 #   2. carry [".vlc"]:  bash gpu/vllm-unpack.sh c
 #   3. carry [".vlb"]:  bash gpu/vllm-validate.sh          (unpacks .vlb first, then the steps below)
-# Steps (VLLM_STEPS, comma-separated): unpack, probe, fault, clean, overflow, jitlock, tp2, pack.
+# Steps (VLLM_STEPS, comma-separated): unpack, probe, fault, clean, overflow, jitlock, pytest, tp2, pack.
 #   probe     versions: GPU, driver, torch, vLLM (and what vdiag's detect_api reads), FlashInfer
 #   fault     plain vLLM with issue 19's arguments and three variations (gpu/vllm_probe.py)
 #   clean     vdiag run scenarios/vllm-tp1-clean.yaml: compile, CUDA-graph capture, one request
 #   overflow  vdiag run scenarios/vllm-tp1-batch-overflow.yaml: vLLM's own fault, reproduced
 #   jitlock   vdiag run scenarios/vllm-tp1-jit-lock.yaml with FlashInfer's sampling build lock held by
 #             gpu/hold_flashinfer_lock.py (started and ended here, by its pid)
+#   pytest    (not in the default list) tests/gpu/test_vllm_engine.py: the clean and the fault scenario
 #   tp2       (multi-GPU machines only, not in the default list) VLLM_TP2_SCENARIOS, e.g. a TP=2 clean run
 #             and the seed with real vLLM: one GPU per rank, NCCL refuses two ranks on one GPU
 #   pack      $OUT/summary.json (every run's verdict, notes, phases), vllm-runs.tgz, probes.tgz
@@ -99,6 +100,7 @@ if has jitlock; then
   fi
   kill -TERM "$HOLDER" 2>/dev/null; wait "$HOLDER" 2>/dev/null
 fi
+if has pytest; then say "pytest tests/gpu/test_vllm_engine.py"; python3 -m pytest -q -p no:cacheprovider tests/gpu/test_vllm_engine.py 2>&1 | tail -25; fi
 if has tp2; then  # one GPU per rank: nvidia-h200-x2 or larger
   for s in ${VLLM_TP2_SCENARIOS:-}; do vrun "$(basename "$s" .yaml)" "$s" --gpu-state auto; done
 fi
