@@ -777,6 +777,12 @@ def scenario_yaml_from_serve(cmd: ServeCommand, engine: str = "vllm", name: str 
         vb.append(f"  compilation_config: {_flow(cc)}")
     if cmd.hf_overrides:
         vb.append(f"  hf_overrides: {_flow(cmd.hf_overrides)}")
+    # A limit the command sets to exactly vdiag's capture default would read as unset (scheduler_args):
+    # pass it to vLLM explicitly.
+    same = {k: v for k, v in (("max_num_seqs", cmd.max_num_seqs), ("max_num_batched_tokens", cmd.max_num_batched_tokens))
+            if v is not None and v == _CAPTURE_DEFAULTS[k]}
+    if same:
+        vb.append(f"  llm_kwargs: {_flow(same)}   # set in the command, equal to vdiag's capture defaults")
     if vb:
         lines += ["vllm:", *vb]
     if engine == "vllm":
