@@ -78,7 +78,7 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
         last = job.output_tail[-1] if job.output_tail else ""
         return Verdict(cls="crash", headline=f"crash: the command exited with {status}",
                        paragraph=f"The command ended with {status} before vdiag saw a hang. Its last output line: "
-                                 f"{last!r} (the last lines are under Notes and in logs/output.log).")
+                                 f"{last!r} (the last lines are in the report's job section and in logs/output.log).")
     if not wd.is_hang:
         slow = (f" Progress stalled for {wd.stall_s:g} s or more {wd.slow_resumed} time(s) and resumed: slow, "
                 "not hung.") if wd.cls == "slow" else ""
