@@ -6,6 +6,8 @@
     python gpu/validate.py cupti-bench --out DIR [--repeat 2]         # CUPTI overhead, clean seed replay
     python gpu/validate.py smoke --out DIR                            # two ranks, matched calls, one hang
     python gpu/validate.py render DIR...                              # the results table (markdown)
+    python gpu/validate.py fidelity --runs N --backend sim --out DIR  # each shipped scenario N times: one row each
+    python gpu/validate.py fidelity-render FILE.jsonl... --out DIR    # rows of several calls/backends in one table
 
 Every case runs the real pipeline in-process (`repro.run.run_scenario`: torchrun workers, watchdog,
 collectors, analysis, report) and appends one JSON line to DIR/results.jsonl: verdict, time to verdict,
@@ -467,6 +469,201 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- fidelity: each shipped scenario N times, one row per scenario and backend (issue 20) ----------------
+
+
+def fidelity_sets(path: Path) -> list[str]:
+    """The validation's settings for every shipped scenario, so that the GPU and the sim run the same."""
+    return SEED_SETS if path.name.startswith("llama70b-") else MECH_SETS
+
+
+def short_site(text: str) -> str:
+    """A wait-site description (repro.analysis) as a short table label."""
+    for key, label in (("Lamport poll", "Lamport poll"), ("Barrier::sync or its", "two-shot barrier/counter"),
+                       ("Barrier::sync", "two-shot barrier"), ("CTA arrival counter", "CTA counter"),
+                       ("a file lock", "file lock"), ("child process", "child process"),
+                       ("all_reduce", "host all_reduce"), ("end-of-start-up barrier", "host barrier"),
+                       ("rendezvous", "host rendezvous"), ("cudaDeviceSynchronize", "cudaDeviceSynchronize")):
+        if key in text:
+            return label
+    return "?" if text else ""
+
+
+def run_waits(rep: dict[str, Any]) -> dict[int, str]:
+    """Where each rank of one run ended: its wait site (GPU state first on a GPU, else its stack), or finished."""
+    from repro.analysis import gpu_waiting, where_waiting
+    from repro.records import GpuState, StackSample
+
+    stacks = {s["rank"]: StackSample.model_validate(s) for s in rep.get("stacks", [])}
+    gpu = {g["rank"]: GpuState.model_validate(g) for g in rep.get("gpu", [])}
+    out: dict[int, str] = {}
+    for r in rep["ranks"]:
+        k = r["rank"]
+        if r["state"] == "finished":
+            out[k] = "finished"
+            continue
+        if r["state"] not in ("spinning", "idle"):
+            continue
+        g = short_site(gpu_waiting(gpu.get(k)))
+        src = f" ({gpu[k].source})" if g and k in gpu else ""
+        st = short_site(where_waiting(stacks.get(k)))
+        out[k] = (g + src) if g else (st + (" (stack)" if st else "")) or f"{r['state']}, site unknown"
+    return out
+
+
+def group_overlap_ms(run_dir: Path, tp: int, world: int) -> float | None:
+    """How long the TP groups' fused calls overlapped in time (ms; negative: a gap), from the launch logs:
+    TP groups that share buffers can only collide while both are launching."""
+    if world <= tp:
+        return None
+    spans = []
+    for g in range(world // tp):
+        ts = []
+        for r in range(g * tp, (g + 1) * tp):
+            with contextlib.suppress(OSError):
+                for line in (run_dir / "launch" / f"rank{r}.jsonl").read_text().splitlines():
+                    if '"fused"' in line:
+                        ts.append(json.loads(line)["t"])
+        if not ts:
+            return None
+        spans.append((min(ts), max(ts)))
+    return round(1e3 * (min(b for _, b in spans) - max(a for a, _ in spans)), 1)
+
+
+def fidelity_run(path: Path, backend: str, work: Path, gpu_state: str, i: int) -> dict[str, Any]:
+    from repro.run import RunOptions, run_scenario
+
+    sets = fidelity_sets(path)
+    opts = RunOptions(overrides=[*sets, f"backend={backend}"], reports_dir=work, live=False, quiet=True,
+                      gpu_state=gpu_state)
+    t0 = time.monotonic()
+    try:
+        outcome = run_scenario(path, opts)
+    except Exception as e:
+        return {"scenario": path.stem, "backend": backend, "i": i, "error": f"{type(e).__name__}: {e}"}
+    rep = json.loads(outcome.run_dir.report_json.read_text())
+    wd, a = rep["watchdog"], rep["analysis"]
+    fi = rep.get("env", {}).get("versions", {}).get("flashinfer-python") or rep.get("env", {}).get(
+        "versions", {}).get("flashinfer", "")
+    return {
+        "scenario": path.stem, "backend": backend, "i": i, "sets": sets, "exit_code": rep["exit_code"],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "verdict": a["verdict"]["cls"], "watchdog": wd["cls"], "hang": wd["cls"] in HANGS,
+        "spinning": wd.get("busy_ranks", []), "idle": wd.get("idle_ranks", []),
+        "finished": wd.get("finished_ranks", []),
+        "wrong_ranks": sorted(c["rank"] for c in a.get("corruption", [])),
+        "waits": run_waits(rep), "first_divergent": _first_divergent_call(rep),
+        "top_hypothesis": a["verdict"].get("top_hypothesis", ""), "expect": rep.get("expect"),
+        "expectation_met": outcome.expectation_met, "wall_s": round(time.monotonic() - t0, 1),
+        "device": (rep.get("env", {}).get("gpus") or ["cpu"])[0], "flashinfer": fi, "run_dir": str(outcome.run_dir.root),
+        "tp": rep["tp"], "world": rep["world_size"],
+        "group_overlap_ms": group_overlap_ms(outcome.run_dir.root, rep["tp"], rep["world_size"]),
+    }
+
+
+def _count(values: list[str]) -> str:
+    from collections import Counter
+
+    return ", ".join(f"{v} ×{n}" for v, n in Counter(values).most_common()) or "-"
+
+
+def fidelity_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from repro.repeat import wilson_interval
+
+    rows = []
+    keys = sorted({(r["scenario"], r["backend"]) for r in runs})
+    for scen, be in keys:
+        rs = [r for r in runs if (r["scenario"], r["backend"]) == (scen, be) and not r.get("error")]
+        errors = [r["error"] for r in runs if (r["scenario"], r["backend"]) == (scen, be) and r.get("error")]
+        n, k = len(rs), sum(1 for r in rs if r["hang"])
+        for r in rs:  # rows of runs recorded before the overlap was: read it from the run folder if still there
+            if "group_overlap_ms" not in r and Path(r["run_dir"]).is_dir():
+                rep = json.loads((Path(r["run_dir"]) / "report.json").read_text())
+                r["group_overlap_ms"] = group_overlap_ms(Path(r["run_dir"]), rep["tp"], rep["world_size"])
+        ov = [r for r in rs if r.get("group_overlap_ms") is not None]
+        lo, hi = wilson_interval(k, n) if n else (0.0, 1.0)
+        waits: dict[str, list[str]] = {}
+        for r in rs:
+            for rank, site in r["waits"].items():
+                waits.setdefault(str(rank), []).append(site)
+
+        def ranks(v: list[int]) -> str:
+            return ",".join(map(str, v)) or "-"
+
+        rows.append({
+            "scenario": scen, "backend": be, "runs": n, "hangs": k, "rate": round(k / n, 3) if n else None,
+            "ci95": [round(lo, 3), round(hi, 3)], "verdicts": _count([r["verdict"] for r in rs]),
+            "roles": _count([f"spin {ranks(r['spinning'])} / idle {ranks(r['idle'])} / done {ranks(r['finished'])}"
+                             for r in rs]),
+            "waits": {rank: _count(v) for rank, v in sorted(waits.items(), key=lambda kv: int(kv[0]))},
+            "wrong_data": _count([ranks(r["wrong_ranks"]) for r in rs]),
+            "first_divergent": _count([r["first_divergent"] for r in rs]),
+            "exit_codes": _count([str(r["exit_code"]) for r in rs]),
+            "groups_overlapped": (f"{sum(1 for r in ov if r['group_overlap_ms'] > 0)} / {len(ov)}; hung when "
+                                  f"overlapping {sum(1 for r in ov if r['group_overlap_ms'] > 0 and r['hang'])}, "
+                                  f"when not {sum(1 for r in ov if r['group_overlap_ms'] <= 0 and r['hang'])}")
+            if ov else "-",
+            "expect": rs[0]["expect"] if rs else None,
+            "expectation_met": sum(1 for r in rs if r["expectation_met"]),
+            "device": rs[0]["device"] if rs else "", "flashinfer": rs[0]["flashinfer"] if rs else "",
+            "dates": sorted({r["date"][:10] for r in rs}), "errors": errors,
+        })
+    return rows
+
+
+def fidelity_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| scenario | backend | hangs / runs | rate (95% Wilson) | verdicts | rank roles | where each rank ended "
+             "| ranks with wrong data | first divergent call | TP groups' fused calls overlapped | expect met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        waits = "<br>".join(f"r{k}: {v}" for k, v in r["waits"].items()) or "-"
+        rate = "-" if r["rate"] is None else f"{100 * r['rate']:.0f}% ({100 * r['ci95'][0]:.0f}-{100 * r['ci95'][1]:.0f}%)"
+        be = r["backend"] + (f" ({r['device']}, FlashInfer {r['flashinfer']})" if r["backend"] != "sim" else "")
+        lines.append(f"| {r['scenario']} | {be} | {r['hangs']} / {r['runs']} | {rate} | {r['verdicts']} | {r['roles']} "
+                     f"| {waits} | {r['wrong_data']} | {r['first_divergent']} | {r['groups_overlapped']} "
+                     f"| {r['expectation_met']} / {r['runs']} "
+                     f"({r['expect']}) |" + (f" errors: {'; '.join(r['errors'])[:200]}" if r["errors"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _write_fidelity(out: Path, runs: list[dict[str, Any]]) -> None:
+    rows = fidelity_rows(runs)
+    (out / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    (out / "fidelity.md").write_text(fidelity_markdown(rows))
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    paths = sorted(SC.glob("*.yaml"))
+    if args.only:
+        paths = [p for p in paths if p.stem in args.only.split(",")]
+    deadline = time.monotonic() + args.budget_s
+    log = out / "fidelity-runs.jsonl"
+    for path in paths:
+        for i in range(args.runs):
+            if time.monotonic() > deadline:
+                _log(f"out of time budget before {path.stem} run {i + 1}")
+                break
+            res = fidelity_run(path, args.backend, args.work or out / "runs", args.gpu_state, i)
+            with open(log, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            _log(json.dumps({k: res.get(k) for k in ("scenario", "i", "verdict", "spinning", "idle", "finished",
+                                                      "wrong_ranks", "waits", "error", "wall_s")}))
+    _write_fidelity(out, [json.loads(x) for x in log.read_text().splitlines() if x.strip()])
+    return 0
+
+
+def cmd_fidelity_render(args: argparse.Namespace) -> int:
+    runs = []
+    for f in args.files:
+        runs += [json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_fidelity(args.out, runs)
+    print((args.out / "fidelity.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -498,6 +695,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("render")
     p.add_argument("dirs", nargs="+")
     p.set_defaults(fn=cmd_render)
+    p = sub.add_parser("fidelity", help="each shipped scenario N times: hang rate, roles, wait sites, wrong data")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--backend", default="sim", help="sim, or flashinfer on a GPU machine")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default="", help="comma-separated scenario names (file stems)")
+    p.add_argument("--gpu-state", default="auto")
+    p.add_argument("--budget-s", type=float, default=3600, help="start no new run after this many seconds")
+    p.add_argument("--work", type=Path, default=None, help="where the run folders go (default OUT/runs)")
+    p.set_defaults(fn=cmd_fidelity)
+    p = sub.add_parser("fidelity-render", help="one table from the fidelity-runs.jsonl of several calls")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_fidelity_render)
     args = ap.parse_args(argv)
     rc: int = args.fn(args)
     return rc

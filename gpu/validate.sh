@@ -2,7 +2,8 @@
 # `make gpu-validate`: the whole GPU validation (docs/gpu-validation.md) on a machine with an NVIDIA GPU.
 #
 # Steps (VALIDATE_STEPS, comma-separated; default below): probe, build (or buildbg ... waitbuild to
-# overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, pytest, sim, run, fixtures. Results go to
+# overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, pytest, sim, run, fixtures, and fidelity
+# (not in the default set: VALIDATE_FIDELITY_RUNS, VALIDATE_FIDELITY_ONLY=stem,stem, VALIDATE_FIDELITY_BUDGET_S). Results go to
 # $OUT (default gpu/results): results.jsonl, table.md (the docs' table), the run folders (runs.tgz, without
 # the core dumps), the raw cuda-gdb outputs, and FlashInfer's built trtllm_comm.so.
 #
@@ -103,6 +104,11 @@ if has sim; then say "the same cases on the sim"; $V scenarios --backend sim --o
 if has run; then  # VALIDATE_RUN: '|'-separated validate.py command lines, each given --out
   IFS='|' read -ra cmds <<< "${VALIDATE_RUN:-}"
   for c in "${cmds[@]}"; do say "run: $c"; $V $c --out "$WORK"; done
+fi
+if has fidelity; then  # each shipped scenario N times on the real kernel (docs/fidelity.md); rows in $OUT/fidelity
+  say "fidelity (flashinfer, ${VALIDATE_FIDELITY_RUNS:-3} runs per scenario)"
+  $V fidelity --backend flashinfer --runs "${VALIDATE_FIDELITY_RUNS:-3}" --out "$OUT/fidelity" --work "$WORK/fidelity-runs" \
+    --budget-s "${VALIDATE_FIDELITY_BUDGET_S:-3600}" ${VALIDATE_FIDELITY_ONLY:+--only "$VALIDATE_FIDELITY_ONLY"}
 fi
 if has pytest; then say "pytest tests/gpu"; python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15; fi
 if has fixtures; then $V fixtures --out "$WORK"; fi

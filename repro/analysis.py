@@ -21,6 +21,7 @@ from repro.records import (
     Analysis,
     CorruptionFinding,
     Divergence,
+    FileLockHold,
     GpuState,
     Hypothesis,
     HypothesisStatus,
@@ -38,16 +39,21 @@ COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
 SPIN_SITES = {
     "_oneshot": "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
     "_barrier_sync": "the two-shot Barrier::sync (waits for its peers' barrier flags)",
-    "_update": "the end-of-kernel CTA arrival counter (waits until counter == its own gridDim)",
+    "_update": "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
 }
+# Host-side waits in torch.distributed and the CUDA runtime, by function name.
 HOST_SITES = {
     "all_reduce": "a host-side all_reduce (the unfused path) waiting for its TP peers",
     "barrier": "the end-of-start-up barrier, waiting for the other ranks",
     "all_gather_object": "the workspace rendezvous (all_gather over the workspace group)",
-    "_poll_until_acquired": "FlashInfer's JIT file lock (another process holds the build lock)",
-    "_build_and_load": "a JIT build that holds the build lock and never finishes",
     "cudaDeviceSynchronize": "cudaDeviceSynchronize, waiting for its GPU",
 }
+# Waits inside a library, matched on the module the frame is in (never on a function of vdiag's own).
+LIBRARY_SITES = {
+    "filelock/": "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
+    "subprocess.py": "a child process it started, inside subprocess ({frames})",
+}
+FILE_LOCK_SITE = "a file lock"
 
 
 def _call_text(ev: LaunchEvent | dict[str, Any] | None) -> str:
@@ -222,6 +228,19 @@ def gpu_waiting(g: GpuState | None) -> str:
     return ""
 
 
+def _library_site(stack: StackSample) -> str:
+    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and stack.threads:
+        th = stack.threads[0]
+    frames = [f for f in (th.frames if th else []) if not f.native]
+    for i, f in enumerate(frames):
+        for module, text in LIBRARY_SITES.items():
+            if module in f.file.replace("\\", "/"):
+                inner = [g.function for g in frames[i:] if module in g.file.replace("\\", "/")][:3]
+                return text.format(frames=" <- ".join(inner))
+    return ""
+
+
 def where_waiting(stack: StackSample | None) -> str:
     if stack is None:
         return ""
@@ -230,11 +249,30 @@ def where_waiting(stack: StackSample | None) -> str:
         short = f.rsplit(".", 1)[-1]
         if short in SPIN_SITES:
             return SPIN_SITES[short]
+    lib = _library_site(stack)
+    if lib:
+        return lib
     for f in funcs:
         for key, text in HOST_SITES.items():
             if key in f.rsplit(".", 1)[-1]:
                 return text
     return ""
+
+
+def _lock_text(x: FileLockHold) -> str:
+    who = f"rank {x.holder_rank} (pid {x.holder_pid})" if x.holder_rank is not None else f"pid {x.holder_pid}"
+    text = f"{x.path} is held ({x.kind} {x.mode}, from {x.source}) by {who}"
+    if x.children:
+        kids = "; ".join(
+            f"pid {c.pid} `{c.cmdline}` ({c.state or '?'}" + (f", in the kernel at {c.wchan}" if c.wchan else "") + ")"
+            for c in x.children[:3]
+        )
+        text += f", which has started and not finished: {kids}"
+    else:
+        text += ", which has no child process"
+    if x.waiting_ranks:
+        text += f"; {_plural('rank', x.waiting_ranks)} have the same file open and wait for it"
+    return text
 
 
 # ---- corruption --------------------------------------------------------------------------------------
@@ -284,8 +322,10 @@ def weigh(
     stacks: dict[int, StackSample],
     fused: bool,
     gpu: dict[int, GpuState] | None = None,
+    locks: list[FileLockHold] | None = None,
 ) -> list[Hypothesis]:
     gpu = gpu or {}
+    locks = locks or []
     hang = wd.is_hang
     spinning = set(wd.busy_ranks)
     fused_calls = any(ev.op == "fused" for lg in logs.values() for ev in lg.launches)
@@ -331,12 +371,19 @@ def weigh(
             f"{_plural('rank', [c.rank for c in foreign])} received another TP group's data "
             f"(first on rank {foreign[0].rank}: {foreign[0].detail})"
         )
-    counter_spin = [r for r in spinning if "CTA arrival counter" in where_waiting(stacks.get(r))]
-    if alias and counter_spin:
+    shared_bufs = {p for a in alias for p in a.shared_buffers}
+    # the buffer each rank polls: its own entry of the peers it was handed (its place in its TP group)
+    polled = {r: lg.workspace.peers[lg.workspace.tp_group.index(r)] for r, lg in logs.items()
+              if lg.workspace is not None and r in lg.workspace.tp_group
+              and len(lg.workspace.peers) > lg.workspace.tp_group.index(r)}
+    shared_poll = sorted(r for r in spinning if polled.get(r) in shared_bufs
+                         and ("Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))))
+    if alias and shared_poll:
         d3["score"] += 1
         d3["for"].append(
-            f"{_plural('rank', counter_spin)} spin on the end-of-kernel CTA arrival counter, which only the "
-            "CTAs of another process can push past the rank's own gridDim: the flag area is shared"
+            f"{_plural('rank', shared_poll)} spin in the one-shot Lamport poll on "
+            + ", ".join(sorted({polled[r] for r in shared_poll}))
+            + ", a buffer that ranks of another TP group also write and clear (computed from the workspace records)"
         )
     if not alias and any(lg.workspace is not None and lg.workspace.peers for lg in logs.values()):
         d3["against"].append("every workspace was rendezvoused over its own TP group, and no buffer is shared across groups")
@@ -381,15 +428,19 @@ def weigh(
         for r, s in sorted(sites.items()):
             if s:
                 d6["for"].append(f"rank {r}: {s}")
-    d7 = h("jit-lock", "Start-up lock: FlashInfer's JIT build lock held by a build that never finishes")
+    d7 = h("jit-lock", "Start-up lock: a file lock (FlashInfer's JIT build lock) held by a process that never releases it")
     lock_sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
-    locked = [r for r, w in lock_sites.items() if "JIT" in w]
-    if hang and locked:
-        d7["score"] += 4 if not spinning else 2
-        d7["for"].append(f"{_plural('rank', locked)} wait in or hold FlashInfer's JIT build lock "
-                         "(filelock's _poll_until_acquired under build_and_load), reached from workspace creation")
+    lock_waiters = sorted(r for r, w in lock_sites.items() if w.startswith(FILE_LOCK_SITE))
+    held = [x for x in locks if x.holder_rank is not None]
+    if hang and (lock_waiters or held):
+        for x in held:
+            d7["score"] += 2
+            d7["for"].append(_lock_text(x))
+        if lock_waiters:
+            d7["score"] += 2 if not spinning else 1
+            d7["for"].append(f"{_plural('rank', lock_waiters)} wait in {lock_sites[lock_waiters[0]]} (py-spy)")
     elif hang:
-        d7["against"].append("no stack shows FlashInfer's JIT build lock")
+        d7["against"].append("no stack waits in a file lock, and /proc/locks shows no lock held by a rank")
     elif spinning:
         d6["against"].append(f"{_plural('rank', sorted(spinning))} {'is' if len(spinning) == 1 else 'are'} busy: a device-side spin-wait, not only a host wait")
 
@@ -554,13 +605,14 @@ def analyze(
     fused: bool,
     pattern: str = "residual_rmsnorm",
     fp32_acc: bool = True,
+    locks: list[FileLockHold] | None = None,
 ) -> Analysis:
     divs = launch_divergences(logs, tp, pp)
     alias = workspace_aliasing(logs, tp, pp)
     corr = corruption_findings(logs)
     by_rank = {s.rank: s for s in stacks}
     gpu_by_rank = {g.rank: g for g in gpu}
-    hyps = weigh(logs, wd, divs, alias, corr, by_rank, fused, gpu_by_rank)
+    hyps = weigh(logs, wd, divs, alias, corr, by_rank, fused, gpu_by_rank, locks)
     verdict = make_verdict(logs, wd, hyps, corr, by_rank, gpu_by_rank, tp, pp, pattern, fp32_acc)
     checks = grid_cross_checks(logs, gpu_by_rank)
     return Analysis(divergences=divs, aliasing=alias, stack_clusters=cluster_stacks(stacks), corruption=corr,

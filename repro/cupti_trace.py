@@ -10,7 +10,7 @@ It needs no change to the code under test: `sitecustomize_source` gives a ``site
 starts the tracer in any Python process (vLLM's workers included) that has it on its path.
 
 Activity records only arrive when a kernel finishes, so a hung kernel would be missing there: only the
-callback side sees it (NOTES.md). Only one CUPTI subscriber may exist per process; when CUPTI cannot be
+callback side sees it (docs/mechanisms.md). Only one CUPTI subscriber may exist per process; when CUPTI cannot be
 used (no GPU, no cupti-python, another subscriber such as Nsight) the file's first record says why and
 the run carries on. `cupti_findings` turns the files into report notes and launch-configuration checks.
 

@@ -63,7 +63,7 @@ SHM_DIR = Path("/dev/shm")
 SHM_FAIL_BYTES = 16 * 1024 * 1024  # the sim needs about 1-5 MB per rank
 SHM_WARN_BYTES = 1024 * 1024 * 1024  # NCCL and vLLM's shared-memory broadcast want far more than Docker's 64 MB
 SHM_FIX = "give the container more shared memory: docker run --shm-size=16g (or --ipc=host)"
-FUSED_SM = "SM 9.0 or 10.x"  # vLLM's gate for FlashInfer's fused all-reduce + RMSNorm (NOTES.md)
+FUSED_SM = "SM 9.0 or 10.x"  # vLLM's gate for FlashInfer's fused all-reduce + RMSNorm (docs/mechanisms.md)
 FLASHINFER_FIX = "pip install -e .[flashinfer] (flashinfer-python and nvidia-ml-py)"
 
 SELFTEST_YAML = """\

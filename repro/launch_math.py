@@ -1,5 +1,5 @@
 """FlashInfer's launch arithmetic for the fused all-reduce (`allreduce_fusion_kernel_launcher` in
-include/flashinfer/comm/trtllm_allreduce_fusion.cuh), written from its description; see NOTES.md.
+include/flashinfer/comm/trtllm_allreduce_fusion.cuh), written from its description; see docs/mechanisms.md, "The launch".
 
 Nothing in it measures time or load: the grid is a pure function of the arguments and the device.
 """

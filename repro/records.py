@@ -212,6 +212,29 @@ class GpuState(_Rec):
     seconds: float = 0.0
 
 
+class LockProcess(_Rec):
+    """A process seen around a held file lock: the holder's children (what the build is doing)."""
+
+    pid: int
+    cmdline: str = ""
+    state: str = ""  # psutil status: running, sleeping, disk-sleep...
+    wchan: str = ""  # /proc/PID/wchan: where in the kernel it sleeps (fifo_open, pipe_read...)
+
+
+class FileLockHold(_Rec):
+    """A file lock held by one process of the run, from the OS (/proc/locks and /proc/PID/fd)."""
+
+    path: str
+    kind: str  # FLOCK | POSIX | OFDLCK, as /proc/locks names it
+    mode: str  # WRITE (exclusive) | READ
+    holder_pid: int
+    holder_rank: int | None = None
+    holder_cmdline: str = ""
+    children: list[LockProcess] = []  # the holder's descendants
+    waiting_ranks: list[int] = []  # ranks that have the same file open without holding it
+    source: str = "/proc/locks"
+
+
 class CollectorRun(_Rec):
     name: str
     rank: int | None = None
@@ -412,6 +435,7 @@ class Report(_Rec):
     analysis: Analysis
     stacks: list[StackSample] = []
     gpu: list[GpuState] = []
+    locks: list[FileLockHold] = []
     collectors: list[CollectorRun] = []
     env: EnvInfo = EnvInfo()
     activity_plot: str = ""

@@ -13,7 +13,6 @@ record carries the call's own duration (call_s), the check left out.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import importlib
 import json
 import os
@@ -54,24 +53,6 @@ class FaultBook:
 
     def workspace_fails(self) -> bool:
         return any(f.kind == "workspace_fail" for f in self.mine)
-
-
-def _poll_until_acquired(fd: int) -> None:
-    """Take an exclusive file lock by polling, as FlashInfer's JIT build lock (filelock) does."""
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            time.sleep(0.05)
-
-
-def _build_and_load_stuck(lock_path: Path) -> None:
-    """Fault `jit_lock`: every rank wants the JIT build lock; the one that gets it never finishes building."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    _poll_until_acquired(fd)
-    while True:  # the build that never ends (a hung nvcc, a dead NFS mount...)
-        time.sleep(1.0)
 
 
 def _apply_hook(sc: Scenario, rank: int) -> Scenario:
@@ -166,7 +147,13 @@ def run_rank(run_dir: Path, rank: int) -> int:
     ws = WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=me.tp_group)
     if fused_wanted:
         if any(f.kind == "jit_lock" for f in faults.mine):
-            _build_and_load_stuck(run_dir / "jit.lock")
+            # This rank's JIT cache is cold and the module's source sits on a mount that never answers:
+            # the real build (repro/jit_build.py) then never finishes, and its lock is never released.
+            from repro import jit_build
+
+            cache = jit_build.cache_dir(run_dir)
+            jit_build.dead_source(cache)
+            jit_build.build_and_load(cache)
         ws = backend.create_workspace(sc.fusion.workspace_group)
         if faults.workspace_fails():
             # vLLM logs a warning and silently falls back to the unfused path on this rank.

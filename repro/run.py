@@ -152,6 +152,9 @@ def _collect(
         jobs["stacks"] = lambda: collect_stacks(native, run_dir)
         if rest:
             jobs["stacks-python"] = lambda: collect_stacks(rest, run_dir, native=False)
+        from repro.collectors.locks import collect_locks
+
+        jobs["locks"] = lambda: collect_locks(alive, run_dir)  # file locks held by a rank: locks.json
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
         futs = {name: ex.submit(fn) for name, fn in jobs.items()}
@@ -170,6 +173,8 @@ def _collect(
                 st, r = res
                 stacks.extend(st)
                 runs.extend(r)
+            elif name == "locks":
+                runs.extend(res[1])
     if wd.is_hang and alive and on_gpu and gpu_state in ("attach", "both"):
         # After the stacks, never beside them: a process has one ptrace tracer, so py-spy and cuda-gdb
         # attached at once make one of them fail (seen on the H100).
@@ -279,7 +284,7 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     if sc.backend == "sim" and sc.payload_scaled():
         notes.append(
             f"payload scaled: the sim carried {sc.payload_width()} of {sc.model.hidden_size} elements per token; "
-            "launch records and the launch arithmetic use the real shape (NOTES.md, 'Keeping the CPU replay fast')"
+            "launch records and the launch arithmetic use the real shape (docs/mechanisms.md, 'Payload scaling')"
         )
     sweep_shm()  # names left by vdiag processes that no longer exist
     started = dt.datetime.now(dt.timezone.utc)
@@ -331,8 +336,11 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     assert wd_verdict is not None
     logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
     tp, pp = sc.parallel.tp, sc.parallel.pp
+    from repro.collectors.locks import load_locks
+
+    locks = load_locks(run_dir.root)
     analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
-                       pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc)
+                       pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc, locks=locks)
     from repro.cupti_trace import cupti_findings
 
     cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs, hang=wd_verdict.is_hang)
@@ -367,7 +375,7 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         backend=sc.backend, engine=sc.engine, world_size=world, tp=tp, pp=pp, fusion_enabled=sc.fusion_enabled(),
         payload_width=sc.payload_width(), hidden=sc.model.hidden_size, exit_code=int(code), expect=sc.expect,
         placement=placement, ranks=summarize_ranks(logs, wd_verdict, tp, pp), watchdog=wd_verdict,
-        analysis=analysis, stacks=stacks, gpu=gpu, collectors=runs, env=env, notes=notes,
+        analysis=analysis, stacks=stacks, gpu=gpu, locks=locks, collectors=runs, env=env, notes=notes,
     )
     report = write_report(run_dir, report)
     if not opts.quiet:

@@ -303,7 +303,7 @@ class Scenario(_Strict):
         return max(1, int(mb * MIB) // (self.model.hidden_size * self.model.elem_bytes))
 
     def payload_width(self) -> int:
-        """Elements per token the sim carries (NOTES: the protocols do not depend on row width)."""
+        """Elements per token the sim carries (docs/mechanisms.md, "Payload scaling": the protocols do not depend on row width)."""
         w = self.sim.payload_width
         if w is None or w >= self.model.hidden_size:
             return self.model.hidden_size

@@ -1,9 +1,8 @@
 """The `sim` backend: FlashInfer's one-shot Lamport and two-shot barrier protocols over CPU shared memory.
 
 Each rank owns one workspace segment in /dev/shm with the layout of FlashInfer's IPC workspace, reduced to
-rank granularity:
+rank granularity. Only the buffers that peers write are in it (FlashInfer's workspace entries 0..3N-1):
 
-    header   int32[8]   [CTA arrival counter, two-shot flag, Lamport flag, comm_size, clear_size, ...]
     barrier  int32[N]   two-shot barrier flags, one per peer
     comm     f32[2*M*W] two-shot buffer: inputs, then reduced sums
     lamport  f32[3*N*M*W] one-shot Lamport buffers, triple-buffered, initialised to the -0.0 sentinel
@@ -12,15 +11,20 @@ rank granularity:
 over the configured group, exactly as FlashInfer gathers IPC handles: rank i of the group takes entry i of
 the gathered list. Over WORLD with PP > 1 that hands the stage-1 ranks the stage-0 ranks' buffers.
 
+The five control ints (CTA arrival counter, two-shot flag, Lamport flag, comm size, clear size) are
+FlashInfer's `flag_ptr` (workspace entry 3N): a rank-private allocation that no peer maps. Here they live in
+the rank's own process memory (`SimBackend.flags`), outside every shared mapping, so no other process can
+write them, whatever group the workspace was rendezvoused over.
+
 The spin-waits are the kernel's: the Lamport poll spins until no -0.0 is left in the rank's own buffer,
 the two-shot barrier spins on its peers' flags, and the end-of-kernel update spins until the CTA arrival
-counter equals this rank's own grid size. A wait that never ends burns a core, like the GPU spins.
-Segment files are unlinked as soon as every rank has mapped its peers, so no name outlives the run.
+counter equals this rank's own grid size (a private counter: only this launch's CTAs add to it). A wait that
+never ends burns a core, like the GPU spins. Segment files are unlinked as soon as every rank has mapped its
+peers, so no name outlives the run.
 """
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -32,8 +36,8 @@ from repro.backends.base import CallSpec, WorkspaceInfo
 from repro.backends.reference import unfused_allreduce_rmsnorm
 from repro.checking import add_and_norm
 
-HEADER_INTS = 8
-H_COUNTER, H_SYNC_FLAG, H_LAMPORT_FLAG, H_COMM_SIZE, H_CLEAR_SIZE = range(5)
+FLAG_INTS = 5  # FlashInfer's flag_ptr: [CTA arrival counter, two-shot flag, Lamport flag, comm size, clear size]
+H_COUNTER, H_SYNC_FLAG, H_LAMPORT_FLAG, H_COMM_SIZE, H_CLEAR_SIZE = range(FLAG_INTS)
 NEG_ZERO_BITS = np.uint32(0x80000000)
 SHM_DIR = "/dev/shm"
 
@@ -53,7 +57,6 @@ class _Segment:
     name: str
     fd: int
     mm: mmap.mmap
-    header: np.ndarray
     barrier: np.ndarray
     comm: np.ndarray
     lamport: np.ndarray
@@ -63,7 +66,7 @@ class _Segment:
 def _layout(tp: int, max_tokens: int, width: int) -> tuple[int, int, int, int]:
     comm_elems = 2 * max_tokens * width
     lam_elems = 3 * tp * max_tokens * width
-    nbytes = 4 * (HEADER_INTS + tp + comm_elems + lam_elems)
+    nbytes = 4 * (tp + comm_elems + lam_elems)
     return nbytes, tp, comm_elems, lam_elems
 
 
@@ -76,8 +79,6 @@ def _map(path: str, tp: int, max_tokens: int, width: int, create: bool) -> _Segm
     mm = mmap.mmap(fd, nbytes)
     buf = np.frombuffer(mm, dtype=np.int32)
     off = 0
-    header = buf[off : off + HEADER_INTS]
-    off += HEADER_INTS
     barrier = buf[off : off + nflags]
     off += nflags
     fbuf = np.frombuffer(mm, dtype=np.float32)
@@ -86,12 +87,10 @@ def _map(path: str, tp: int, max_tokens: int, width: int, create: bool) -> _Segm
     lamport = fbuf[off : off + lam_elems]
     lamport_bits = lamport.view(np.uint32)
     if create:
-        header[:] = 0
-        header[H_COMM_SIZE] = lam_elems // 3
         barrier[:] = 0
         comm[:] = 0.0
         lamport_bits[:] = NEG_ZERO_BITS
-    return _Segment(os.path.basename(path), fd, mm, header, barrier, comm, lamport, lamport_bits)
+    return _Segment(os.path.basename(path), fd, mm, barrier, comm, lamport, lamport_bits)
 
 
 class SimBackend:
@@ -120,7 +119,9 @@ class SimBackend:
         self.width = width
         self.own: _Segment | None = None
         self.peers: list[_Segment] = []
-        self.flag_area: _Segment | None = None
+        # flag_ptr: private to this rank (ordinary process memory, never in a shared mapping)
+        self.flags = np.zeros(FLAG_INTS, dtype=np.int32)
+        self.flags[H_COMM_SIZE] = tp * max_tokens * width  # one of the three Lamport buffers
 
     # ---- workspace ------------------------------------------------------------------------------
     def create_workspace(self, rendezvous: str) -> WorkspaceInfo:
@@ -137,13 +138,11 @@ class SimBackend:
         # FlashInfer opens the handle of group entry i as "peer i": the first tp entries of the list.
         names = [str(n) for n in gathered[: self.tp]]
         owners = tuple(group_ranks[: self.tp])
-        for i, n in enumerate(names):
+        for n in names:
             if n == self.own.name:
                 self.peers.append(self.own)
             else:
                 self.peers.append(_map(os.path.join(SHM_DIR, n), self.tp, self.max_tokens, self.width, create=False))
-            if i == self.tp_rank:
-                self.flag_area = self.peers[-1]
         # Every rank has mapped what it needs: drop the names so nothing outlives the run.
         dist.barrier()
         os.unlink(path)
@@ -156,47 +155,33 @@ class SimBackend:
         )
 
     def offset_flag(self, offset: int) -> None:
-        assert self.flag_area is not None
-        h = self.flag_area.header
+        h = self.flags
         h[H_LAMPORT_FLAG] = (int(h[H_LAMPORT_FLAG]) + offset) % 3
 
     # ---- the CTA arrival counter (spin-wait a) ----------------------------------------------------
     def _arrive(self, grid: int) -> None:
-        seg = self.flag_area
-        assert seg is not None
-        fcntl.flock(seg.fd, fcntl.LOCK_EX)
-        try:
-            seg.header[H_COUNTER] += grid
-        finally:
-            fcntl.flock(seg.fd, fcntl.LOCK_UN)
+        """Every CTA of this launch adds one to the rank's private counter (at rank granularity: all at once)."""
+        self.flags[H_COUNTER] += grid
 
     def _update(self, grid: int, slot: int, value: int, clear_size: int | None = None) -> None:
-        """Block 0 waits until every CTA of *this* launch arrived (counter == own gridDim), then publishes."""
-        seg = self.flag_area
-        assert seg is not None
-        h = seg.header
+        """Block 0 waits until every CTA of *this* launch arrived (counter == own gridDim), then publishes.
+        The counter is private, so only this launch's arrivals count."""
+        h = self.flags
         spins = 0
-        while True:
-            fcntl.flock(seg.fd, fcntl.LOCK_EX)
-            try:
-                if int(h[H_COUNTER]) == grid:
-                    h[slot] = value
-                    if clear_size is not None:
-                        h[H_CLEAR_SIZE] = clear_size
-                    h[H_COUNTER] = 0
-                    return
-            finally:
-                fcntl.flock(seg.fd, fcntl.LOCK_UN)
+        while int(h[H_COUNTER]) != grid:
             relax(spins)
             spins += 1
+        h[slot] = value
+        if clear_size is not None:
+            h[H_CLEAR_SIZE] = clear_size
+        h[H_COUNTER] = 0
 
     # ---- one-shot Lamport --------------------------------------------------------------------------
     def _oneshot(self, x: np.ndarray, spec: CallSpec) -> np.ndarray:
-        seg = self.flag_area
-        assert seg is not None and self.peers
+        assert self.peers
         grid = spec.launch.grid[0]
         self._arrive(grid)
-        h = seg.header
+        h = self.flags
         flag = int(h[H_LAMPORT_FLAG])
         comm_size = int(h[H_COMM_SIZE])
         clear_size = int(h[H_CLEAR_SIZE])
@@ -235,8 +220,6 @@ class SimBackend:
         return new
 
     def _twoshot(self, x: np.ndarray, spec: CallSpec) -> np.ndarray:
-        seg = self.flag_area
-        assert seg is not None
         grid = spec.launch.grid[0]
         self._arrive(grid)
         n = self.tp
@@ -246,7 +229,7 @@ class SimBackend:
         begin = [r * per + min(r, rem) for r in range(n)]
         count = [per + (1 if rem > r else 0) for r in range(n)]
         own = self.peers[self.tp_rank]
-        flag_value = int(seg.header[H_SYNC_FLAG])
+        flag_value = int(self.flags[H_SYNC_FLAG])
         own.comm[:tot] = x.reshape(-1)
         flag_value = self._barrier_sync(flag_value)
         b, c = begin[self.tp_rank] * width, count[self.tp_rank] * width

@@ -31,7 +31,7 @@ from repro.records import CollectorRun, GpuState
 from repro.rundir import RunDir
 
 # What `--gpu-state auto` uses first. A core dump needs no ptrace and took ~1-2 s per rank (dump and
-# offline read) against 11-12 s for a cuda-gdb attach with FlashInfer loaded (NOTES.md; re-measured in
+# offline read) against 11-12 s for a cuda-gdb attach with FlashInfer loaded (docs/mechanisms.md; re-measured in
 # docs/gpu-validation.md). It kills the process, which is harmless here: it is taken last, once the run is
 # over. Auto falls back to attach for a rank whose dump failed while its process still lives.
 AUTO_GPU_STATE = "coredump"

@@ -1,6 +1,6 @@
 """What the GPUs are running: cuda-gdb attached to a live rank, or a CUDA core dump read offline.
 
-Two ways in (see NOTES.md, "Other evidence sources"):
+Two ways in (see docs/mechanisms.md, "Other evidence sources"):
 
 * ``collect_gpu_attach``: ``cuda-gdb -q -batch -p PID -ex "info cuda kernels" -ex "info cuda blocks"
   -ex detach`` per busy rank. Needs ptrace, like py-spy; 2 s on a small program, 11-12 s with FlashInfer.
@@ -384,7 +384,7 @@ def coredump_dir(run_dir: RunDir) -> Path:
 
 
 def coredump_env(run_dir: RunDir) -> dict[str, str]:
-    """Variables that make the CUDA driver dump a worker's GPU state on demand (see NOTES.md).
+    """Variables that make the CUDA driver dump a worker's GPU state on demand (see docs/mechanisms.md).
 
     The driver expands %p to the worker's pid: the pipe is gpu/pipe.<pid>, the dump gpu/core.<pid>.
     """

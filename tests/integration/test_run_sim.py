@@ -175,7 +175,7 @@ def test_tp4_and_tp8_start_ups_run_clean(session_reports: Path, name: str) -> No
 
 
 def test_narrow_payload_does_not_change_who_hangs(session_reports: Path) -> None:
-    """NOTES: the protocols do not depend on the row width. Full width and the sim's width agree."""
+    """docs/mechanisms.md, "Payload scaling": the protocols do not depend on the row width. Full width and the sim's width agree."""
     args = ["--set", "model=llama-3.1-8b", "--set", "model.num_layers=2"]
     full = _run(session_reports, "mech-missing-peer", *args, "--set", "sim.payload_width=4096")
     narrow = _run(session_reports, "mech-missing-peer", *args, "--set", "sim.payload_width=16")
@@ -199,13 +199,3 @@ def test_twoshot_divergence_finishes_with_wrong_data_and_is_called_corruption(se
     assert (first["phase"], first["size"], first["layer"]) == ("capture", 16, 1)
     assert a["verdict"]["top_hypothesis"] == "launch-divergence"
     assert "corruption" in r.markdown.splitlines()[0]
-
-
-def test_every_rank_idle_in_the_jit_lock_is_a_host_wait_named_by_stacks(session_reports: Path) -> None:
-    r = _run(session_reports, "mech-jit-lock")
-    assert r.rc == 1
-    v = r.report["analysis"]["verdict"]
-    assert v["cls"] == "host-wait" and v["spinning"] == [] and v["idle"] == [0, 1, 2, 3]
-    assert r.report["analysis"]["hypotheses"][0]["key"] == "jit-lock"
-    assert "JIT file lock" in v["paragraph"]
-    assert max(r.report["watchdog"]["cpu_pct"].values()) < 20

@@ -66,3 +66,69 @@ def test_matched_calls_produce_the_reference_result(oneshot: bool, world: int) -
                 p.kill()
     assert all(all(v) for v in got.values()), got
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"vdiag-{token}")]
+
+
+def _shared_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's shared mappings (perms with 's'), from /proc/self/maps."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            addr, perms = line.split()[:2]
+            if "s" in perms:
+                lo, hi = (int(x, 16) for x in addr.split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def _inside(addr: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(lo <= addr < hi for lo, hi in ranges)
+
+
+def _aliasing_worker(rank: int, world: int, port: int, token: str, out: Any) -> None:
+    import torch.distributed as dist
+
+    from repro.backends.sim import SimBackend
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    groups = {g: dist.new_group(list(g)) for g in ((0, 1), (2, 3))}
+    mine = (0, 1) if rank < 2 else (2, 3)
+    be = SimBackend(rank=rank, tp=2, pp=2, tp_group=groups[mine], tp_ranks=mine, run_token=token,
+                    max_tokens=16, width=8)
+    ws = be.create_workspace("world")  # FlashInfer 0.6.10-0.6.14: stage 1 gets stage 0's buffers
+    shared = _shared_ranges()
+    out.put((rank, {
+        "peers": list(ws.peers),
+        "flags_shared": _inside(be.flags.ctypes.data, shared),
+        "lamport_shared": all(_inside(p.lamport.ctypes.data, shared) for p in be.peers),
+        "barrier_shared": all(_inside(p.barrier.ctypes.data, shared) for p in be.peers),
+    }))
+    dist.barrier()
+    be.close()
+    dist.destroy_process_group()
+
+
+def test_control_ints_are_private_even_when_two_tp_groups_share_the_buffers() -> None:
+    """FlashInfer's flag_ptr (CTA counter, two-shot flag, Lamport flag, sizes) is a rank-private
+    allocation; only the comm, barrier and Lamport buffers are mapped by peers. Fails if any rank's
+    counter or flags sit in memory another process maps, the case in which a rank could wait on a
+    counter another process writes."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    token = f"{os.getpid()}-alias"
+    port = _port()
+    procs = [ctx.Process(target=_aliasing_worker, args=(r, 4, port, token, q)) for r in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(q.get(timeout=240) for _ in range(4))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert got[2]["peers"] == got[0]["peers"] and got[3]["peers"] == got[1]["peers"]  # the buffers are aliased
+    for r, g in got.items():
+        assert g["lamport_shared"] and g["barrier_shared"], (r, g)  # the check sees shared memory as shared
+        assert not g["flags_shared"], f"rank {r}: its control ints lie in a shared mapping"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"vdiag-{token}")]

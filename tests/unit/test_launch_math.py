@@ -1,4 +1,4 @@
-"""repro/launch_math.py against the worked grids in NOTES.md and the measured ones (H100, cuda-gdb).
+"""repro/launch_math.py against the worked grids in docs/mechanisms.md and the measured ones (H100, cuda-gdb).
 
 The arithmetic is FlashInfer 0.7.2.post1's `allreduce_fusion_kernel_launcher`
 (include/flashinfer/comm/trtllm_allreduce_fusion.cuh): cluster = min(8, max cluster from the occupancy
@@ -30,7 +30,7 @@ def lc(tokens: int, *, hidden: int = 8192, oneshot: bool = True, nranks: int = 2
 @pytest.mark.parametrize(
     ("tokens", "sms", "expected"),
     [
-        (16, 132, (128, 128, 8)),  # NOTES: one-shot T=16 -> grid 128 (cluster 8 x 128 threads)
+        (16, 132, (128, 128, 8)),  # docs/mechanisms.md: one-shot T=16 -> grid 128 (cluster 8 x 128 threads)
         (17, 132, (68, 256, 4)),  # T=17 -> grid 68 (cluster 4 x 256)
         (512, 132, (132, 1024, 1)),  # T=512 -> 132
         (16, 114, (64, 256, 4)),  # 114 SMs: T=16 -> 64
@@ -42,7 +42,7 @@ def test_worked_grids_from_notes(tokens: int, sms: int, expected: tuple[int, int
 
 
 def test_grid_measured_with_cuda_gdb_in_the_first_trial() -> None:
-    """NOTES: bf16, hidden 4096, TP=2, T=16 one-shot -> grid (64,1,1), block (128,1,1), cluster 4."""
+    """docs/mechanisms.md (H100, cuda-gdb): bf16, hidden 4096, TP=2, T=16 one-shot -> grid (64,1,1), block (128,1,1), cluster 4."""
     c = launch_config(token_num=16, hidden=4096, elem_bytes=2, oneshot=True, nranks=2, sm_count=132)
     assert (c.grid, c.block, c.cluster) == ((64, 1, 1), (128, 1, 1), (4, 1, 1))
     assert c.kernel.startswith("allreduce_fusion_kernel_oneshot_lamport<")
