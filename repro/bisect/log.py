@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from repro.bisect.common import BisectResult, fmt_s
+from repro.bisect.common import BisectResult, Step, fmt_s
 
 
 def _rel(path: str, base: Path) -> str:
@@ -88,11 +88,14 @@ def render_markdown(res: BisectResult) -> str:
             row += " " + (", ".join(f"`{lab.split()[0]}` {p:.3f}" for lab, p in st.posterior) or "-") + " |"
         lines.append(row)
     lines.append("")
-    read_steps = [st for st in res.steps if st.reads]
+    read_steps: dict[str, Step] = {}
+    for st in res.steps:
+        if st.reads:
+            read_steps.setdefault(st.rev, st)  # the same checkout reads the same every time
     if read_steps:
         lines += ["## What each step read from its checkout (hook: vllm-source)", ""]
-        for st in read_steps:
-            lines.append(f"- `{st.label}` ({st.role}, {st.verdict}):")
+        for st in read_steps.values():
+            lines.append(f"- `{st.label}`" + (f" ({st.role})" if st.role != "step" else "") + ":")
             lines.extend(f"  - {r}" for r in st.reads)
         lines.append("")
     if res.mode == "git" and (res.log_dir / "git-bisect.log").exists():

@@ -117,7 +117,7 @@ class Platform:
             return self._cap(args[0]) // 10 == self.sm // 10
         if name == "has_device_capability" and len(args) == 1:
             return self.sm >= self._cap(args[0])
-        raise Unreadable(f"current_platform.{name}() is not a platform check vdiag can evaluate")
+        raise Unreadable(f"`current_platform.{name}()`, a platform check vdiag cannot evaluate")
 
 
 ENV_DEFAULTS: dict[str, Any] = {"VLLM_BATCH_INVARIANT": False, "VLLM_USE_V1": True}
@@ -133,7 +133,7 @@ class _Obj:
 
     def get(self, attr: str) -> Any:
         if attr not in self.attrs:
-            raise Unreadable(f"{self.name}.{attr} is not a setting vdiag states for the gate")
+            raise Unreadable(f"`{self.name}.{attr}`, a setting vdiag states nothing about")
         v = self.attrs[attr]
         if self.read is not None:
             self.read(f"{self.name}.{attr}", v)
@@ -162,7 +162,7 @@ class _GateEval:
                 for a in st.names:
                     name = a.asname or a.name.split(".")[0]
                     if name not in self.env:
-                        raise Unreadable(f"imports {a.name}, which vdiag has no stand-in for")
+                        raise Unreadable(f"an import of {a.name}, which vdiag has no stand-in for")
                 continue
             if isinstance(st, ast.Return):
                 return self.expr(st.value) if st.value is not None else None

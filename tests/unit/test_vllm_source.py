@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from repro.bisect.vllm_source import Platform, derive, read_flashinfer_pin, read_fusion_gate, read_workspace_call
+from repro.bisect.vllm_source import (
+    Platform,
+    derive,
+    read_flashinfer_pin,
+    read_fusion_gate,
+    read_workspace_call,
+)
 from tests.vllm_shaped import GATE_UNREADABLE, HISTORY, write_checkout
 
 
@@ -50,7 +56,7 @@ def test_gate_that_asks_what_vdiag_does_not_state_skips_with_the_line(tmp_path: 
     s = derive(root, tp=2, pp=2)
     line = next(i for i, ln in enumerate(GATE_UNREADABLE.splitlines(), 1) if "is_quantized" in ln)
     assert s.skip.startswith(f"fusion gate: vllm/config/vllm.py:{line}: enable_allreduce_rms_fusion uses ")
-    assert "model_config" in s.skip and not s.overrides
+    assert s.skip.endswith("uses `cfg.model_config`, a setting vdiag states nothing about") and not s.overrides
 
 
 def test_workspace_call_site_with_and_without_the_tp_group(tmp_path: Path) -> None:
@@ -104,3 +110,22 @@ def test_flashinfer_window_decides_the_group_when_vllm_passes_none(tmp_path: Pat
         assert s.overrides["fusion.workspace_group"] == group, (fi, s.reads[-1].detail)
         inside = "inside" if group == "world" else "outside"
         assert f"FlashInfer {fi} is {inside} 0.6.10 to 0.6.14" in s.reads[-1].detail
+
+
+def test_bisect_step_on_an_unreadable_checkout_is_a_skip_without_any_run(tmp_path: Path) -> None:
+    from repro.bisect.common import BisectOptions, BisectResult
+    from repro.bisect.judge import Stepper
+
+    sc = tmp_path / "seed.yaml"
+    sc.write_text("name: s\nmodel: {preset: llama-3.1-70b, num_layers: 2}\nparallel: {tp: 2, pp: 2}\n"
+                  "backend: sim\nhook: vllm-source\n")
+    root = _checkout(tmp_path, gate_text=GATE_UNREADABLE)
+    opts = BisectOptions(reports_dir=tmp_path / "r")
+    res = BisectResult(mode="git", target=str(root), scenario=str(sc), good="g", bad="b", policy=opts.policy,
+                       log_dir=tmp_path / "log")
+    lines: list[str] = []
+    st = Stepper(sc, opts, res, lines.append).judge("step", "abc", "abc gate", [root], root, {}, source=root)
+    assert st.verdict == "skip" and not st.runs
+    assert st.reason.startswith("fusion gate: vllm/config/vllm.py:") and "cfg.model_config" in st.reason
+    assert "| skip | - |" in (md := (tmp_path / "log" / "bisect.md").read_text()) and st.reason in md
+    assert any(ln.startswith("[step 1] -> skip (fusion gate: ") for ln in lines)
