@@ -197,10 +197,10 @@ def bayes_search(res: BisectResult, labels: list[str], ends: tuple[Step, Step],
             res.notes.append(f"run budget ({opts.max_total_runs}, --max-total-runs) spent before a candidate "
                              f"reached {conf:g}; best: {labels[grp[0]]} at {mass:.3f}")
             break
-        i = s.next_item(opts.policy.max_runs)
+        i = s.next_item()
         if i is None:
-            res.notes.append(f"no run can tell the candidates apart any more (per-item cap --max-runs "
-                             f"{opts.policy.max_runs}, skipped items); best: {labels[grp[0]]} at {mass:.3f}")
+            res.notes.append(f"no run can tell the candidates apart any more (skipped items); best: "
+                             f"{labels[grp[0]]} at {mass:.3f}")
             break
         st = judge_at(i)
         if st.verdict == "skip":

@@ -59,7 +59,7 @@ def bisect_cmd(
     confidence: float = typer.Option(0.95, help="how sure a good verdict must be"),
     min_rate: float = typer.Option(0.3, help="the lowest hang rate to rule out before calling a step good "
                                    "(1: the hang is deterministic, one run per step)"),
-    max_runs: int = typer.Option(10, help="most runs of one step (--search bayes: of one commit or version)"),
+    max_runs: int = typer.Option(10, help="most runs of one step (--search bayes: of the bad end, run until it reproduces)"),
     search: str = typer.Option("rule", help="rule: binary search, each step judged by --confidence/--min-rate; "
                                "bayes: flake-aware Bayesian search, stops at --confidence"),
     repro_rate: float = typer.Option(None, help="--search bayes: how often a bad commit reproduces "
