@@ -201,9 +201,11 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
     def subject(sha: str) -> str:
         return git(["log", "-1", "--format=%s", sha], repo).stdout.strip()
 
-    def judge_here(role: Literal["good end", "bad end", "step"], sha: str, policy: StepPolicy | None = None) -> Step:
+    def judge_here(role: Literal["good end", "bad end", "step"], sha: str, policy: StepPolicy | None = None,
+                   setup: bool = True) -> Step:
         env = dict(setup_env, VDIAG_BISECT_REV=sha)
-        return stepper.judge(role, sha, f"{sha[:10]} {subject(sha)}", [code_dir], wt.path, env, policy, code_dir)
+        return stepper.judge(role, sha, f"{sha[:10]} {subject(sha)}", [code_dir], wt.path, env, policy, code_dir,
+                             setup)
 
     def search() -> None:
         progress(f"bisecting {repo} from {good_sha[:10]} (good) to {bad_sha[:10]} (bad); log in {log_dir}")
@@ -266,9 +268,16 @@ def bisect_git(scenario: Path, repo: Path, good: str, bad: str, opts: BisectOpti
         check_ends(good_end, bad_end, "commit")
         labels = [f"{sha[:10]} {subject(sha)}" for sha in shas]
 
+        current = {"sha": bad_sha, "ready": bad_end.verdict != "skip"}
+
         def at(i: int) -> Step:
-            wt.checkout(shas[i])
-            return judge_here("step", shas[i], ONE_RUN)
+            # runs of the commit that is checked out already (and whose --setup passed) need no new checkout
+            same = current["sha"] == shas[i] and current["ready"]
+            if not same:
+                wt.checkout(shas[i])
+            st = judge_here("step", shas[i], ONE_RUN, setup=not same)
+            current.update(sha=shas[i], ready=st.verdict != "skip")
+            return st
 
         first, cands = bayes_search(res, labels, (good_end, bad_end), at, opts, progress)
         wt.discard_changes()

@@ -45,15 +45,15 @@ class Stepper:
 
     def judge(self, role: Literal["good end", "bad end", "step"], rev: str, label: str,
               code_dirs: list[Path], setup_cwd: Path, setup_env: dict[str, str],
-              policy: StepPolicy | None = None, source: Path | None = None) -> Step:
+              policy: StepPolicy | None = None, source: Path | None = None, setup: bool = True) -> Step:
         """Judge one step; `policy` replaces the options' rule, `source` is the checkout `hook: vllm-source`
-        reads."""
+        reads, `setup=False` skips --setup (the checkout is the one it last ran in)."""
         tag = f"[{role}]" if role != "step" else f"[step {sum(1 for s in self.res.steps if s.role == 'step') + 1}]"
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.progress(f"{tag} {label}")
         t0 = time.monotonic()
         setup_log: str | None = None
-        if self.opts.setup:
+        if self.opts.setup and setup:
             log = self.res.log_dir / "setup" / f"{len(self.res.steps):02d}-{re.sub(r'[^A-Za-z0-9_.-]', '-', rev)[:40]}.log"
             ok, why = run_setup(self.opts.setup, setup_cwd, setup_env, self.opts.setup_timeout, log)
             setup_log = str(log)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,27 @@ def test_bisect_step_on_an_unreadable_checkout_is_a_skip_without_any_run(tmp_pat
     assert st.reason.startswith("fusion gate: vllm/config/vllm.py:") and "cfg.model_config" in st.reason
     assert "| skip | - |" in (md := (tmp_path / "log" / "bisect.md").read_text()) and st.reason in md
     assert any(ln.startswith("[step 1] -> skip (fusion gate: ") for ln in lines)
+
+
+def _vdiag(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(root)), timeout=120)
+
+
+def test_bisect_refuses_bad_search_options_and_the_hook_without_a_checkout(tmp_path: Path) -> None:
+    sc = tmp_path / "seed.yaml"
+    sc.write_text("name: s\nmodel: {preset: llama-3.1-70b, num_layers: 2}\nparallel: {tp: 2, pp: 2}\n"
+                  "backend: sim\nhook: vllm-source\n")
+    base = ["bisect", str(sc), "--good", "a", "--bad", "b"]
+    p = _vdiag(*base, "--repo", str(tmp_path), "--platform", "8.0", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "vdiag: error: --platform '8.0': give the CUDA SM the fusion gate is evaluated for: 9.0 (Hopper) or 10.x "
+        "(Blackwell), e.g. --platform 10.0"]
+    p = _vdiag(*base, "--repo", str(tmp_path), "--search", "fast", cwd=tmp_path)
+    assert p.returncode == 2 and "--search 'fast': allowed values are rule, bayes" in p.stderr
+    p = _vdiag(*base, "--pip", "flashinfer-python", cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "hook: vllm-source reads a vLLM checkout; use it with `vdiag bisect --repo`" in p.stderr
