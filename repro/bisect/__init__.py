@@ -10,9 +10,16 @@ and its bisect state (per worktree in git) never mixes with one the user may hav
 1. `--setup CMD` (when given) runs in the step's checkout; a non-zero exit or a timeout makes the step
    `skip` (a commit that does not build cannot be judged);
 2. `vdiag run` replays the scenario with the checkout (or `--src-subdir` of it) first on the workers'
-   PYTHONPATH, so the scenario's `hook:` (and anything it imports) comes from that commit;
+   PYTHONPATH, so the scenario's `hook:` (and anything it imports) comes from that commit; with the
+   built-in `hook: vllm-source` nothing is imported: the checkout's fusion gate, workspace call and
+   FlashInfer pin are read (repro.bisect.vllm_source) and passed to the replay as overrides, and a fact
+   that cannot be read skips the step;
 3. the runs are judged by `repro.repeat.judge`: a hang or wrong results -> `git bisect bad`, only clean
    runs -> `git bisect good`, a crash (import error, dead worker) -> `git bisect skip`.
+
+`--search bayes` replaces steps 3 and git bisect: one run at a time over the first-parent line, where a
+posterior over the first bad commit expects to learn most, until one commit reaches --confidence
+(repro.bisect.bayes).
 
 Before the first step the scenario and the environment are checked (exit 2 or 3, never a step verdict),
 the revisions are resolved, `--bad` must not be an ancestor of `--good`, and both ends are run: `--good`
