@@ -155,10 +155,18 @@ def finish(res: BisectResult, fn: Callable[[], None], t0: float) -> BisectResult
 
 def _feed(s: BayesSearch, i: int, st: Step) -> None:
     for r in st.runs:
-        if r.reproduced:
-            s.observe(i, True)
-        elif r.exit_code == 0:
-            s.observe(i, False)
+        if not r.reproduced and r.exit_code != 0:
+            continue
+        try:
+            s.observe(i, r.reproduced)
+        except ValueError:
+            m = s.model
+            raise BisectError(
+                f"{st.label}: a {'failing' if r.reproduced else 'clean'} run ({r.report_md}) that --repro-rate "
+                f"{'(learned)' if m.repro_rate is None else f'{m.repro_rate:g}'} and --false-fail-rate "
+                f"{m.false_fail_rate:g} call impossible: the hang is flakier than that; give a lower --repro-rate "
+                "(or leave it out to learn it) and a --false-fail-rate above 0"
+            ) from None
 
 
 def bayes_search(res: BisectResult, labels: list[str], ends: tuple[Step, Step],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,21 @@ def test_impossible_run_is_refused() -> None:
     s = BayesSearch(3, FlakeModel(1.0, 0.0))
     with pytest.raises(ValueError, match="impossible"):
         s.observe(0, True)
+
+
+def test_a_run_the_model_calls_impossible_stops_the_bisect_with_advice(tmp_path: Path) -> None:
+    from repro.bisect.common import BisectError, BisectOptions, BisectResult, Step
+    from repro.bisect.judge import bayes_search
+    from repro.repeat import RunRecord
+
+    def rec(code: int) -> RunRecord:
+        return RunRecord(exit_code=code, verdict="clean" if code == 0 else "all-spinning", headline="-",
+                         report_md=str(tmp_path / "report.md"), seconds=0.0)
+
+    opts = BisectOptions(search="bayes", repro_rate=1.0, false_fail_rate=0.0)
+    res = BisectResult(mode="pip", target="p", scenario="s", good="0", bad="2", policy=opts.policy,
+                       log_dir=tmp_path / "log")
+    good = Step(role="good end", rev="0", label="p 0", verdict="good", reason="", runs=[rec(0)])
+    bad = Step(role="bad end", rev="2", label="p 2", verdict="bad", reason="", runs=[rec(0), rec(1)])
+    with pytest.raises(BisectError, match=r"^p 2: a clean run .* call impossible: the hang is flakier than that"):
+        bayes_search(res, ["p 0", "p 1", "p 2"], (good, bad), lambda i: good, opts, lambda _m: None)
