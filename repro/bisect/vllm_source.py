@@ -9,7 +9,8 @@ Nothing of the checkout is imported or run. Three facts are read, each with the 
    statements and expressions such a gate uses are understood (if/return/and/or/not, comparisons, the
    platform's capability checks); anything else makes the fact unreadable. Where the function does not
    exist, the version decided the fused pass with a `PassConfig` flag (`enable_fi_allreduce_fusion` or
-   `fuse_allreduce_rms`); its default is read instead (False: the pass only runs when a user asks).
+   `fuse_allreduce_rms`); its default is read instead (False: the pass only runs when a user asks). A
+   version with neither and no fused pass at all (no `AllReduceFusionPass`, no workspace call) runs unfused.
 2. **Whether vLLM passes its TP group to FlashInfer's workspace creation** (vLLM #45917): the call sites of
    `create_allreduce_fusion_workspace` / `trtllm_create_ipc_workspace_for_all_reduce_fusion` under vllm/
    are found with `ast`, and their `group=` / `comm_backend=` arguments are followed (a local assignment,
@@ -39,6 +40,7 @@ HOOK_NAME = "vllm-source"
 
 GATE_FUNCTION = "enable_allreduce_rms_fusion"
 PASS_FLAGS = ("fuse_allreduce_rms", "enable_fi_allreduce_fusion")
+FUSION_PASS = "AllReduceFusionPass"
 WORKSPACE_CALLS = ("create_allreduce_fusion_workspace", "trtllm_create_ipc_workspace_for_all_reduce_fusion")
 
 # FlashInfer's own behaviour, by version (from its release history; see docs/bisect.md):
@@ -357,8 +359,17 @@ def _read_pass_flag(root: Path, tp: int) -> SourceRead:
                                f"PassConfig.{st.target.id}, whose default is {st.value.value}"
                                + ("" if st.value.value else " (the pass runs only when a user turns it on)"),
                     )
-    raise Unreadable(f"neither {GATE_FUNCTION} (vllm/config/) nor a PassConfig flag "
-                     f"({', '.join(PASS_FLAGS)}) was found: the version's fusion gate cannot be read")
+    has_pass = next((p for p in _py_files(root, "vllm") if any(
+        name in p.read_text(encoding="utf-8", errors="replace") for name in (*WORKSPACE_CALLS, FUSION_PASS))), None)
+    if has_pass is None and (root / "vllm").is_dir():
+        return SourceRead(
+            what="fusion gate", value="off", where="vllm/",
+            detail=f"no {GATE_FUNCTION}, no PassConfig flag ({', '.join(PASS_FLAGS)}), no {FUSION_PASS} and no "
+                   f"FlashInfer workspace call under vllm/: this version has no fused all-reduce + RMSNorm pass")
+    raise Unreadable(f"neither {GATE_FUNCTION} (vllm/config/) nor a PassConfig flag ({', '.join(PASS_FLAGS)}) "
+                     "was found" + (f", though {has_pass.relative_to(root).as_posix()} has a fused pass"
+                                    if has_pass is not None else " (no vllm/ folder)")
+                     + ": the version's fusion gate cannot be read")
 
 
 # ---- the workspace call ---------------------------------------------------------------------------------

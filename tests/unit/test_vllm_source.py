@@ -156,3 +156,17 @@ def test_bisect_refuses_bad_search_options_and_the_hook_without_a_checkout(tmp_p
     p = _vdiag(*base, "--pip", "flashinfer-python", cwd=tmp_path)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "hook: vllm-source reads a vLLM checkout; use it with `vdiag bisect --repo`" in p.stderr
+
+
+def test_version_before_the_fused_pass_runs_unfused_and_a_pass_without_gate_skips(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    (root / "vllm" / "config").mkdir(parents=True)
+    (root / "vllm" / "config" / "__init__.py").write_text("class PassConfig:\n    enable_fusion: bool = True\n")
+    r = read_fusion_gate(root, tp=2, pp=2, platform=Platform())
+    assert r.value == "off" and "this version has no fused all-reduce + RMSNorm pass" in r.detail
+    (root / "vllm" / "compilation").mkdir()
+    (root / "vllm" / "compilation" / "collective_fusion.py").write_text("class AllReduceFusionPass:\n    pass\n")
+    s = derive(root, tp=2, pp=2)
+    assert s.skip == ("fusion gate: neither enable_allreduce_rms_fusion (vllm/config/) nor a PassConfig flag "
+                      "(fuse_allreduce_rms, enable_fi_allreduce_fusion) was found, though "
+                      "vllm/compilation/collective_fusion.py has a fused pass: the version's fusion gate cannot be read")
