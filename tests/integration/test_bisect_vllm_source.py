@@ -6,7 +6,7 @@ the FlashInfer pin into and out of the versions that rendezvous the workspace ov
 imported: each step reads the checkout's source, and the sim replays what it decided with real torchrun
 workers. The hang is the workspace-aliasing race of the sim's Lamport protocol (PP=2 TP=2, workspace over
 WORLD): it is flaky (about 3 runs in 4 at this size on two cores), so the search is the flake-aware one,
-at confidence 0.99 (simulated on these ranges: wrong in under 1 run of 1000 at a rate of 0.6 or more).
+at confidence 0.99 (simulated on these ranges: no wrong commit in 1000 bisects at a rate of 0.6 or 0.75).
 Each range has one commit between its ends, the culprit right after the good end, which a failing run
 settles fast; the search over longer ranges is measured in bench/run_bench.py (bisect, bisect-real).
 
