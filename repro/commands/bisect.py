@@ -1,7 +1,8 @@
-"""`vdiag bisect` and `vdiag minimize`: parse, delegate to repro.bisect / repro.minimize, print the result."""
+"""`vdiag bisect`: parse, delegate to repro.bisect, print the result."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,10 @@ BISECT_HELP = """Find the commit (--repo) or package version (--pip) that made a
 Drives real `git bisect` in a temporary worktree (your checkout is never touched); each step runs
 `vdiag run` with the checkout first on the workers' PYTHONPATH (the scenario's `hook:` comes from it).
 A step is bad at its first run that hangs (or gives wrong results), good after enough clean runs
-(--confidence, --min-rate), skipped when --setup fails or a run crashes.
+(--confidence, --min-rate), skipped when --setup fails or a run crashes. For flaky hangs,
+--search bayes keeps a posterior over the first bad commit and runs where it learns most.
+`hook: vllm-source` in the scenario reads the fusion gate, the workspace group and the FlashInfer
+pin from each vLLM checkout (CPU only; see docs/bisect.md).
 
 \b
 Exit codes: 0 first bad commit/version found, 1 inconclusive (skipped steps leave several
@@ -26,22 +30,18 @@ candidates), 2 usage or scenario error (also: --good/--bad the wrong way round),
 error, 130 interrupted (the repository is restored).
 """
 
-MINIMIZE_HELP = """Shrink a hanging scenario while it still hangs: fewer ranks, layers, capture sizes, faults.
-
-\b
-  vdiag minimize scenarios/mech-token-divergence.yaml
-
-Writes <name>-min.yaml (or --out): a minimal reproducer from which removing any one fault, capture
-size, layer or rank loses the hang. Prints how many runs the search took.
-
-\b
-Exit codes: 0 written, 2 the scenario does not hang (or is invalid), 3 environment error.
-"""
-
-
-def _progress(msg: str) -> None:
+def progress_line(msg: str) -> None:
     sys.stderr.write(msg + "\n")  # one unwrapped line each: logs and CI keep them greppable
     sys.stderr.flush()
+
+
+def _platform_sm(text: str) -> int:
+    m = re.fullmatch(r"(?:sm_?)?(\d+)\.(\d)", text.strip().lower()) or re.fullmatch(r"sm_?(\d+)(\d)", text.strip().lower())
+    sm = int(m.group(1)) * 10 + int(m.group(2)) if m else 0
+    if sm // 10 not in (9, 10):
+        raise ScenarioError(f"--platform {text!r}: give the CUDA SM the fusion gate is evaluated for: 9.0 (Hopper) "
+                            "or 10.x (Blackwell), e.g. --platform 10.0")
+    return sm
 
 
 def bisect_cmd(
@@ -59,7 +59,16 @@ def bisect_cmd(
     confidence: float = typer.Option(0.95, help="how sure a good verdict must be"),
     min_rate: float = typer.Option(0.3, help="the lowest hang rate to rule out before calling a step good "
                                    "(1: the hang is deterministic, one run per step)"),
-    max_runs: int = typer.Option(10, help="most runs of one step"),
+    max_runs: int = typer.Option(10, help="most runs of one step (--search bayes: of the bad end, run until it reproduces)"),
+    search: str = typer.Option("rule", help="rule: binary search, each step judged by --confidence/--min-rate; "
+                               "bayes: flake-aware Bayesian search, stops at --confidence"),
+    repro_rate: float = typer.Option(None, help="--search bayes: how often a bad commit reproduces "
+                                     "(default: learned from the runs)"),
+    false_fail_rate: float = typer.Option(0.01, help="--search bayes: how often a good commit fails for an "
+                                          "unrelated reason"),
+    max_total_runs: int = typer.Option(60, help="--search bayes: run budget of the whole search"),
+    platform: str = typer.Option("9.0", help="hook: vllm-source: the CUDA SM the gate is evaluated for "
+                                 "(9.0, 10.0, 10.3...)"),
     set_: list[str] = typer.Option([], "--set", help="override a scenario field: --set model.num_layers=4"),
     reports: Path = typer.Option(Path("reports"), help="where the bisect folder is created"),
     gpu_state: str = typer.Option("auto", help="GPU state collector: auto, attach, coredump or none"),
@@ -79,42 +88,34 @@ def bisect_cmd(
         raise ScenarioError(f"--gpu-state {gpu_state!r}: allowed values are auto, attach, coredump, none")
     if pip is not None and (python_only or src_subdir):
         raise ScenarioError("--python-only and --src-subdir are for --repo; --pip installs each version")
-    policy = StepPolicy(confidence=confidence, min_rate=min_rate, max_runs=max_runs)
+    if search not in ("rule", "bayes"):
+        raise ScenarioError(f"--search {search!r}: allowed values are rule, bayes")
+    if repro_rate is not None and not 0.0 < repro_rate <= 1.0:
+        raise ScenarioError(f"--repro-rate {repro_rate}: give a rate in (0, 1], e.g. 0.5")
+    if not 0.0 <= false_fail_rate < 1.0:
+        raise ScenarioError(f"--false-fail-rate {false_fail_rate}: give a rate in [0, 1), e.g. 0.01")
+    if max_total_runs < 1:
+        raise ScenarioError(f"--max-total-runs {max_total_runs}: give at least 1")
+    sm = _platform_sm(platform)
+    if search == "bayes":  # --min-rate is the rule's; the search's confidence is the posterior's
+        policy = StepPolicy(confidence=confidence, min_rate=1.0, max_runs=max_runs)
+    else:
+        policy = StepPolicy(confidence=confidence, min_rate=min_rate, max_runs=max_runs)
     opts = BisectOptions(
         overrides=list(set_), reports_dir=reports, policy=policy, setup=setup, setup_timeout=setup_timeout,
         gpu_state=gpu_state, python_only=python_only, src_subdir=src_subdir, index_url=index_url,
         find_links=list(find_links), no_index=no_index, pre=pre, cache_dir=cache_dir,
+        search="bayes" if search == "bayes" else "rule", repro_rate=repro_rate, false_fail_rate=false_fail_rate,
+        max_total_runs=max_total_runs, platform_sm=sm,
     )
     if repo is not None:
-        res = bisect_git(scenario, repo, good, bad, opts, _progress)
+        res = bisect_git(scenario, repo, good, bad, opts, progress_line)
     else:
-        res = bisect_pip(scenario, pip, good, bad, opts, _progress)
+        res = bisect_pip(scenario, pip, good, bad, opts, progress_line)
     for line in res.summary_lines():
         print(line)
     raise typer.Exit(res.exit_code)
 
 
-def minimize_cmd(
-    scenario: Path = typer.Argument(..., help="scenario YAML file that hangs"),
-    out: Path = typer.Option(None, "--out", help="where to write the minimal scenario "
-                             "(default: <reports>/<time>-minimize-<name>/<name>-min.yaml)"),
-    tries: int = typer.Option(1, help="runs per candidate before calling it clean (for flaky hangs)"),
-    max_runs: int = typer.Option(100, help="run budget of the whole search"),
-    set_: list[str] = typer.Option([], "--set", help="override a scenario field first"),
-    reports: Path = typer.Option(Path("reports"), help="where the minimize folder is created"),
-    gpu_state: str = typer.Option("auto", help="GPU state collector: auto, attach, coredump or none"),
-) -> None:
-    from repro.minimize import MinimizeOptions, minimize
-
-    opts = MinimizeOptions(overrides=list(set_), reports_dir=reports, out=out, tries=tries, max_runs=max_runs,
-                           gpu_state=gpu_state)
-    res = minimize(scenario, opts, _progress)
-    _progress(f"minimal reproducer: {res.shape()}")
-    _progress(f"found in {res.runs} runs ({res.seconds:.0f} s); log: {res.log_dir / 'minimize.md'}")
-    print(res.out_path)
-    print(f"{res.runs} runs")
-
-
 def register(app: typer.Typer) -> None:
     app.command("bisect", help=BISECT_HELP)(bisect_cmd)
-    app.command("minimize", help=MINIMIZE_HELP)(minimize_cmd)

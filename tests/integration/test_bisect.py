@@ -490,6 +490,33 @@ def test_bisect_pip_finds_the_first_bad_version(tmp_path: Path) -> None:
     assert p.returncode == 2 and "--good 0.6.7: the index has no such version of vdiag-toyfi" in p.stderr
 
 
+def test_bisect_pip_bayes_search_shows_the_posterior_after_every_run(tmp_path: Path) -> None:
+    dist = tmp_path / "wheels"
+    dist.mkdir()
+    versions = ["0.6.8.post1", "0.6.9", "0.6.10", "0.6.11", "0.6.11.post2"]
+    for v in versions:
+        bad = v in ("0.6.11", "0.6.11.post2")
+        policy = '("always" if rank % 2 == 0 else "never")' if bad else '"vllm"'
+        _wheel(dist, v, TOYFI.format(version=v, policy=policy))
+    sc = scenario_file(tmp_path, hook="vdiag_toyfi:configure")
+    reports = tmp_path / "reports"
+    index = ["--no-index", "--find-links", str(dist), "--cache-dir", str(tmp_path / "cache")]
+    # a deterministic hang, said so: the search is a binary search whose log carries the posterior
+    p = vdiag(["bisect", str(sc), "--pip", "vdiag-toyfi", "--good", "0.6.8.post1", "--bad", "0.6.11.post2", *index,
+               "--search", "bayes", "--repro-rate", "1", "--false-fail-rate", "0", "--confidence", "0.99",
+               "--reports", str(reports), "--gpu-state", "none"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[0] == "first bad version: vdiag-toyfi 0.6.11"
+    data = json.loads((bisect_dir(reports) / "bisect.json").read_text())
+    assert data["search"] == "bayes" and data["last_good"] == "vdiag-toyfi 0.6.10"
+    steps = data["steps"]
+    assert [s["rev"] for s in steps[:2]] == ["0.6.8.post1", "0.6.11.post2"] and len(steps) <= 4
+    assert all(len(s["runs"]) == 1 for s in steps)  # one run each: a reproduction rate of 1 needs no repeat
+    assert dict(steps[-1]["posterior"])["vdiag-toyfi 0.6.11"] == 1.0
+    assert "posterior of the first bad item: 1.000" in " ".join(data["notes"])
+    assert p.stderr.count("  posterior: ") == len(steps) - 1  # after the bad end and after every step
+
+
 # ---- the search itself (no runs) --------------------------------------------------------------------------
 
 

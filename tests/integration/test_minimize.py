@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repro.minimize import ddmin, single_removals
+from repro.bisect.minimize import ddmin, single_removals
 
 START = """\
 # A hang with noise around it.

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from repro.bisect import make_log_dir, preflight
+from repro.bisect.common import make_log_dir, preflight
 from repro.errors import ScenarioError
 from repro.repeat import RunRecord, record_of, rerun_unjudgeable
 from repro.scenario import Scenario, apply_overrides, vllm_default_capture_sizes
