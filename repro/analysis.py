@@ -588,9 +588,13 @@ def _idle_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
 def _straggler_text(wd: WatchdogVerdict, tp: int, pp: int) -> str:
     if not wd.stragglers:
         return ""
-    parts = [f"{label(st.rank, tp, pp)} is a straggler: idle on the host outside every known wait, in {st.where}, "
+    parts = [f"{_sentence(label(st.rank, tp, pp))} is a straggler: idle on the host outside every known wait, in {st.where}, "
              f"with no progress for {st.idle_s:g} s" for st in wd.stragglers]
     return " " + "; ".join(parts) + (f" (watched {wd.patience_s:g} s for it to resume)." if wd.patience_s else ".")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _evidence_clip(text: str, limit: int = 220) -> str:
@@ -633,18 +637,23 @@ def make_verdict(
         line = crash_line(c) if c else ""
         what = "Its error" if c and c.error_line else "Last stderr line"
         return Verdict(cls="crash", headline=f"crash: {who} died ({how})",
-                       paragraph=f"{who} exited ({how}) before the start-up finished. {what}: {line!r}. "
+                       paragraph=f"{_sentence(who)} exited ({how}) before the start-up finished. {what}: {line!r}. "
                                  "The other ranks were stopped by torchrun.", top_hypothesis="")
     if wd.cls == "interrupted":
         by = wd.interrupted_by or "a signal"
-        how = {"SIGINT": "Ctrl-C (SIGINT)", "SIGKILL": "SIGKILL (no chance to clean up or report)"}.get(by, by)
+        how = {"SIGINT": "Ctrl-C (SIGINT)",
+               "killed": "a signal it cannot catch (SIGKILL, the OOM killer)"}.get(by, by)
         done = sum(len(lg.results) for lg in logs.values())
+        phases = sorted({lg.phases[-1].phase + (f" {lg.phases[-1].index}/{lg.phases[-1].total}"
+                                                if lg.phases[-1].total else "")
+                         for lg in logs.values() if lg.phases})
+        during = f", during {', '.join(phases)}" if phases else ", before any rank started the replay"
         return Verdict(
             cls="interrupted", headline=f"interrupted: the run was stopped by {how} before a verdict",
-            paragraph=(f"vdiag was stopped by {how} after {len(logs)} ranks had completed {done} calls; no verdict "
-                       "was reached. The launch logs and the activity kept so far are below; every process and "
-                       "shared-memory segment of the run was cleaned up" +
-                       (" by vdiag." if by != "SIGKILL" else " only if torchrun's own teardown ran.")),
+            paragraph=(f"vdiag was stopped by {how} after its {len(logs)} ranks had completed {done} calls{during}; "
+                       "no verdict was reached. The launch logs and activity written until then are kept in the "
+                       "run folder" + (" and every process and shared-memory segment of the run was cleaned up."
+                                       if by != "killed" else "; this report was rebuilt from them by `vdiag report`.")),
         )
     if not wd.is_hang:
         if corr:
@@ -708,7 +717,7 @@ def make_verdict(
         headline += f" (straggler: {_plural('rank', [st.rank for st in wd.stragglers])})"
     lead = "; ".join(_spin_groups(wheres, tp, pp)) or "no rank spins"
     idle_desc = _idle_groups(wheres, tp, pp)
-    para = lead + (f", while {'; '.join(idle_desc)}" if idle_desc else "") + "." + strag + stalled
+    para = _sentence(lead) + (f", while {'; '.join(idle_desc)}" if idle_desc else "") + "." + strag + stalled
     if corr:
         para += (f" {_plural('rank', wrong_ranks).capitalize()} also received wrong data before hanging "
                  f"({corr[0].kind.replace('_', ' ')}).")

@@ -220,15 +220,15 @@ def main() -> None:
         signal.signal(sig, _stop)
     try:
         rc = app(standalone_mode=False)
+        if rc == ExitCode.INTERRUPTED and Interrupted.last:  # typer reads any KeyboardInterrupt as 130
+            stop = Interrupted(Interrupted.last)
+            sys.stderr.write(f"vdiag: interrupted by {stop.how}; processes and shared memory cleaned up\n")
+            rc = int(stop.exit_code)
         sys.exit(rc if isinstance(rc, int) else 0)
     except VdiagError as e:
         sys.stderr.write(f"vdiag: error: {e.message}\n")
         sys.exit(int(e.exit_code))
     except typer.Exit as e:
-        cause = e.__cause__  # typer turns a KeyboardInterrupt into Exit(130); a signal keeps its own code
-        if isinstance(cause, Interrupted):
-            sys.stderr.write(f"vdiag: interrupted by {cause.how}; processes and shared memory cleaned up\n")
-            sys.exit(int(cause.exit_code))
         sys.exit(e.exit_code)
     except Interrupted as e:
         sys.stderr.write(f"vdiag: interrupted by {e.how}; processes and shared memory cleaned up\n")

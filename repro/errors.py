@@ -11,6 +11,7 @@
 | 125 | bisect only: this step cannot be judged (skip) |
 | 129 | `vdiag run` stopped by SIGHUP (the terminal closed); cleaned up, partial report kept |
 | 130 | interrupted (Ctrl-C, SIGINT); cleaned up, partial report kept |
+| 137 | vdiag itself was killed (SIGKILL, the OOM killer): no report; `vdiag report RUN_DIR` rebuilds one |
 | 143 | `vdiag run` stopped by SIGTERM (`timeout`, Slurm, Kubernetes); cleaned up, partial report kept |
 """
 
@@ -29,6 +30,7 @@ class ExitCode(enum.IntEnum):
     SKIP = 125
     SIGHUP = 129
     INTERRUPTED = 130
+    KILLED = 137
     SIGTERM = 143
 
 
@@ -60,9 +62,12 @@ class Interrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so every path that already cleans up after Ctrl-C does the same for the others."""
 
+    last: str = ""  # the latest signal that stopped something in this process (the CLI's exit code)
+
     def __init__(self, signame: str = "SIGINT") -> None:
         super().__init__(signame)
         self.signame = signame
+        Interrupted.last = signame
 
     @property
     def exit_code(self) -> ExitCode:

@@ -189,7 +189,7 @@ class WatchdogVerdict(_Rec):
     note: str = ""
     stragglers: list[Straggler] = []  # idle ranks outside every known wait (watched for patience_s)
     patience_s: float = 0.0  # how long the watchdog kept watching for stragglers to resume
-    interrupted_by: str = ""  # SIGINT | SIGTERM | SIGHUP | SIGKILL (a folder rebuilt by `vdiag report`)
+    interrupted_by: str = ""  # SIGINT | SIGTERM | SIGHUP | killed (no report written; rebuilt by `vdiag report`)
 
     @property
     def is_hang(self) -> bool:

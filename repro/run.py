@@ -488,7 +488,7 @@ def rebuild_report(run_dir: RunDir) -> Report:
         first = [lg.hello.t for lg in logs.values() if lg.hello is not None]
         wd = WatchdogVerdict(cls="interrupted", stall_s=0.0, started_t=min(first or [0.0]),
                              last_progress_t=max(times) if times else None, verdict_t=max(times or [0.0]),
-                             note="no verdict was reached", interrupted_by="SIGKILL")
+                             note="no verdict was reached", interrupted_by="killed")
     stacks: list[StackSample] = []
     for r, lg in logs.items():
         f = run_dir.stack_file(r)
@@ -499,11 +499,11 @@ def rebuild_report(run_dir: RunDir) -> Report:
     tp, pp = sc.parallel.tp, sc.parallel.pp
     analysis = analyze(logs, wd, stacks, [], tp=tp, pp=pp, fused=sc.fusion_enabled(), pattern=sc.fusion.pattern,
                        fp32_acc=sc.fusion.fp32_acc)
-    code = ExitCode.INTERRUPTED if wd.cls == "interrupted" else exit_code_for(wd, bool(analysis.corruption))
+    code = ExitCode.KILLED if wd.cls == "interrupted" else exit_code_for(wd, bool(analysis.corruption))
     started = dt.datetime.fromtimestamp(wd.started_t, dt.timezone.utc) if wd.started_t else None
     warnings = fault_warnings(sc, sc.name)
     return Report(
-        vdiag_version=__version__, scenario_name=sc.name, scenario_file=sc.name,
+        vdiag_version=__version__, scenario_name=sc.name, scenario_file="",
         scenario_yaml=run_dir.scenario_yaml.read_text() if run_dir.scenario_yaml.exists() else "",
         run_dir=str(run_dir.root), started=started.isoformat(timespec="seconds") if started else "",
         duration_s=round(max(0.0, wd.verdict_t - wd.started_t), 2), backend=sc.backend, engine=sc.engine,

@@ -578,7 +578,12 @@ def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ScenarioError(f"{p}: --set: {_loc_text(err['loc'])}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = _loc_text(err["loc"])
+        m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
+        if m and not err["loc"]:  # a cross-field check names its own field
+            where, msg = m.group(1), m.group(2)
+        raise ScenarioError(f"{p}: --set: {where}: {msg}") from None
 
 
 def dump_resolved(sc: Scenario) -> str:

@@ -316,7 +316,7 @@ class Watchdog:
                     # it never resumed: where is every idle rank now?
                     since = now - confirm
                     _busy, idle, _fin = self._split(since)
-                    self.probe_stacks = {}
+                    self.probe_stacks, self.probe_runs = {}, []
                     self._finish_probe(None, idle)
                     stragglers = self._stragglers(idle, now)
                     return self._classify(start_wall, last_progress_wall, thr, slow_resumed, since=since,
