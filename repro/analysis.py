@@ -420,8 +420,9 @@ def weigh(
     if hang and clean_layout and fused_calls and lamport_spin and stragglers:
         # The exclusion argument needs every rank accounted for; a straggler explains the wait by itself.
         d5["against"].append(
-            f"{_plural('rank', stragglers)} had not reached the call {'its' if len(stragglers) == 1 else 'their'} "
-            "peers wait in: busy on the host outside every known wait, so the spin needs no protocol fault"
+            f"{_plural('rank', stragglers)} {'is a straggler' if len(stragglers) == 1 else 'are stragglers'}: "
+            "stalled on the host outside every known wait before the call the spinning ranks wait in, so the "
+            "spin needs no protocol fault to explain it"
         )
     elif hang and clean_layout and fused_calls and lamport_spin:
         d5["score"] += 2

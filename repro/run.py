@@ -201,6 +201,7 @@ def _collect(
             attached, r = collect_gpu_attach(fallback, run_dir)
             gpu.extend(attached)
             runs.extend(r)
+    stacks.sort(key=lambda s: s.rank)
     return stacks, gpu, runs, env
 
 
@@ -312,7 +313,7 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     warnings = fault_warnings(sc, str(path))
     for w in warnings:
         if not opts.quiet:
-            console.print(w, markup=False, highlight=False)
+            console.print(w, markup=False, highlight=False, soft_wrap=True)
     notes.extend(w.split(": warning: ", 1)[-1] for w in warnings)
     dog: Watchdog | None = None
     with stop_signals() as guard:

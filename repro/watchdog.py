@@ -471,7 +471,7 @@ def error_line(lines: list[str]) -> str:
     lines = [re.sub(r"^\[(?:rank|default)\d+\]:\s?", "", ln) for ln in lines]
     for pat in _ERROR_PATTERNS[:2]:
         for ln in lines:
-            if pat.search(ln):
+            if not ln.startswith((" ", "\t")) and pat.search(ln):  # indented: a traceback's source line
                 return ln.strip()
     in_tb = False
     for ln in lines:
