@@ -558,17 +558,26 @@ def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
         if w.state == "spinning":
             groups[(w.kernel, _short_site(w.site), w.kernel_source)].append(w)
     out = []
+    one_source = len({src for (_k, _s, src) in groups}) == 1  # then said once, after the clauses
     for (kernel, site, src), ws in groups.items():
         rs = [w.rank for w in ws]
         who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
         text = f"{who} {'spins' if len(rs) == 1 else 'spin'}"
         if kernel:
-            text += f" in {kernel}" + (f" ({src})" if src and src not in ("launch record",) else "")
+            text += f" in {kernel}" + (f" ({_source_text(src)})" if src and not one_source else "")
         if site:
             text += f", inside {site}"
         text += f", at {_calls_text([w.call for w in ws if w.call])}"
         out.append(text)
+    srcs = {src for (k, _s, src) in groups if k and src}
+    if out and one_source and srcs:
+        n = sum(len(ws) for ws in groups.values())
+        out[-1] += f" (kernel{'s' if n > 1 else ''} {_source_text(srcs.pop())})"
     return out
+
+
+def _source_text(src: str) -> str:
+    return src if src.startswith("computed") else f"from the {src}"
 
 
 def _idle_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
@@ -599,6 +608,8 @@ def _sentence(text: str) -> str:
 
 
 def _evidence_clip(text: str, limit: int = 220) -> str:
+    """The first clause of a piece of evidence, at most `limit` characters (the rest is in its section)."""
+    text = text.split("; ")[0]
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
@@ -690,7 +701,7 @@ def make_verdict(
     kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
     wheres = rank_wheres(logs, wd, stacks, gpu, tp, pattern, fp32_acc)
     call_txt = _call_text(ev) if ev else "no pending call"
-    key_ev = f" Key evidence: {_evidence_clip(top.evidence_for[0])}" if top and top.evidence_for else ""
+    key_ev = f" Key evidence: {_evidence_clip(top.evidence_for[0], 200)}" if top and top.evidence_for else ""
     stalled = f" No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
     strag = _straggler_text(wd, tp, pp)
     if wd.cls == "host-wait":

@@ -107,8 +107,9 @@ def test_each_hung_rank_gets_its_own_kernel_and_wait_site(pp2_twoshot: VdiagRun)
     assert {by_rank[0]["state"], by_rank[1]["state"]} <= {"idle", "finished"}
     para = v["paragraph"]
     # never grouped under one kernel: each rank's clause names its own
-    assert "rank 3 (pp 1, tp 1) spins in allreduce_fusion_kernel_twoshot_sync (computed from the launch record)" in para
-    assert "Rank 2 (pp 1, tp 0) spins in allreduce_fusion_kernel_oneshot_lamport" in para
+    assert "Rank 2 (pp 1, tp 0) spins in allreduce_fusion_kernel_oneshot_lamport, inside the one-shot Lamport poll" in para
+    assert "rank 3 (pp 1, tp 1) spins in allreduce_fusion_kernel_twoshot_sync, inside the two-shot Barrier::sync" in para
+    assert "(kernels computed from the launch record)" in para
     assert "ranks 2,3 spin in allreduce_fusion_kernel_oneshot_lamport" not in para
     md = r.markdown
     assert "## Where each hung rank waits" in md
