@@ -196,11 +196,18 @@ def _collect(
         gpu.extend(dumped)
         runs.extend(r)
         dumped_ranks = {g.rank for g in dumped}
-        fallback = {k: p for k, p in busy.items() if k not in dumped_ranks and _alive(p)}
-        if opts.gpu_state == "auto" and fallback:  # the dump failed but the process lives: attach instead
-            attached, r = collect_gpu_attach(fallback, run_dir)
-            gpu.extend(attached)
-            runs.extend(r)
+        if opts.gpu_state == "auto":  # the dump failed but the process lives: attach, where that can work
+            from repro.collectors.coredump import attach_candidates, explain_attach
+
+            left = {k: p for k, p in busy.items() if k not in dumped_ranks}
+            fallback, skipped = attach_candidates(left, run_dir, r)
+            runs.extend(skipped)
+            if fallback:
+                attached, r2 = collect_gpu_attach(fallback, run_dir)
+                gpu.extend(attached)
+                triggered = {c.rank for c in r if c.name == "cuda core dump trigger" and c.rank is not None}
+                ptrace_ok = {s.rank for s in stacks if s.source.startswith("py-spy")}
+                runs.extend(explain_attach(r2, triggered, ptrace_ok))
     stacks.sort(key=lambda s: s.rank)
     return stacks, gpu, runs, env
 
