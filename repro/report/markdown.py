@@ -526,13 +526,17 @@ def _where_section(report: Report) -> _Section | None:
     ranks = report.analysis.verdict.ranks
     if not ranks:
         return None
-    head = "| rank | state | kernel | source | waits in | call |\n|---|---|---|---|---|---|"
-    rows = []
-    for rw in ranks:
+    head = "| ranks | state | kernel | source | waits in | call |\n|---|---|---|---|---|---|"
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for rw in ranks:  # ranks that agree on everything share a row
         kernel = rw.kernel + (f" ({rw.geometry})" if rw.geometry else "")
+        key = (rw.state, kernel, rw.kernel_source, rw.site, call_text(rw.call) if rw.call else "")
+        groups.setdefault(key, []).append(rw.rank)
+    rows = []
+    for (state, kernel, source, site, call), rs in groups.items():
         rows.append("| " + " | ".join([
-            str(rw.rank), rw.state, _cell(_md(kernel, 300)) or "-", _cell(_md(rw.kernel_source, 100)) or "-",
-            _cell(_md(rw.site, 300)) or "-", _cell(_md(call_text(rw.call), 300)) if rw.call else "-",
+            rank_label(rs), state, _cell(_md(kernel, 300)) or "-", _cell(_md(source, 100)) or "-",
+            _cell(_md(site, 300)) or "-", _cell(_md(call, 300)) or "-",
         ]) + " |")
     return _Section(title="## Where each hung rank waits", items=rows, noun="rank rows", head=head,
                     collapsible=False, weight=3)
