@@ -354,6 +354,9 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
                         if (lg := read_rank_log(run_dir.launch_log(r), r)).hello is not None]
             launch.teardown(extra_pids=pids)
         interrupted = interrupted or guard.pending
+        if interrupted and not stacks and dog is not None:  # stopped while collecting: keep the stall's stacks
+            stacks = sorted(dog.probe_stacks.values(), key=lambda st: st.rank)
+            runs = [*dog.probe_runs, *runs]
         if wd_verdict is None:
             wd_verdict = interrupted_verdict(run_dir, dog, interrupted or "SIGINT")
         elif interrupted:  # stopped after the verdict, while collecting: the verdict stands

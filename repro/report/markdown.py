@@ -458,6 +458,9 @@ def _summary(report: Report) -> str:
         facts.append(f"- kernel: {_code(v.kernel)}")
     if v.idle:
         facts.append(f"- idle: {rank_label(v.idle)}")
+    for st in w.stragglers:
+        facts.append(f"- straggler: rank {st.rank}, on the host outside every known wait in {_code(st.where)}, "
+                     f"{st.idle_s:g} s without progress" + (" (it resumed)" if w.cls == "slow" else ""))
     if v.top_hypothesis:
         title = next((h.title for h in report.analysis.hypotheses if h.key == v.top_hypothesis), "")
         facts.append(f"- top hypothesis: {_md(title or v.top_hypothesis, 400)}")
