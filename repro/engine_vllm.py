@@ -116,11 +116,37 @@ def report_facts(run_dir: Path) -> tuple[list[str], dict[str, str]]:
         if res:
             notes.append(f"vLLM resolved config (rank {fx.get('rank')}): " + json.dumps(res, sort_keys=True, default=str))
             break
+    notes.extend(jit_notes(run_dir))
     notes.append("results: with engine: vllm, vdiag records each fused call's launch and its return, not vLLM's "
                  "numbers (result kind 'unchecked'): 'clean' means the start-up finished on every rank")
     errors = [f"rank {fx.get('rank')}: {fx['error']}" for fx in facts if fx.get("error")]
     notes.extend(f"vLLM start-up failed on {e}" for e in errors[:4])
     return notes, versions
+
+
+def jit_notes(run_dir: Path) -> list[str]:
+    """What the workers' FlashInfer JIT records say (observed by vdiag's wrapper of JitSpec.build_and_load):
+    a build entered and never left names where a stalled rank is; finished builds give their time."""
+    notes = []
+    end = None
+    with contextlib.suppress(OSError, ValueError):
+        end = json.loads((run_dir / "watchdog.json").read_text()).get("verdict_t")
+    for rank, recs in sorted(instrument.read_jit_records(run_dir).items()):
+        for r in instrument.unfinished_jit(recs):
+            since = f", {float(end) - float(r['t']):.0f} s before the verdict" if isinstance(end, (int, float)) else ""
+            notes.append(
+                f"rank {rank}: entered FlashInfer's JIT build of module '{r.get('module')}' (phase "
+                f"{r.get('phase')}{since}) and never returned: FlashInfer takes the module's build lock "
+                f"{r.get('lock') or '(path unknown)'} there before it builds; a rank idle there waits for that lock "
+                "(held by another process) or for a build that does not finish (observed: vdiag's wrapper of "
+                "flashinfer.jit.core.JitSpec.build_and_load)")
+        done = [r for r in recs if r.get("ev") == "return"]
+        if done:
+            notes.append(f"rank {rank}: FlashInfer JIT modules loaded: " + ", ".join(
+                f"{r.get('module')} ({float(r.get('s', 0)):.1f} s)" for r in done[:6]))
+        for r in (r for r in recs if r.get("ev") == "error"):
+            notes.append(f"rank {rank}: FlashInfer JIT module '{r.get('module')}' failed: {r.get('error')}")
+    return notes
 
 
 # ---- the worker side ------------------------------------------------------------------------------------
@@ -201,6 +227,7 @@ def _install(plan: VllmPlan) -> dict[str, Any]:
             result["flashinfer"][k] = int(result["flashinfer"].get(k, 0)) + n
     if plan.instrument.progress:
         result["progress"] = instrument.install_vllm_progress()
+    result["jit"] = instrument.install_flashinfer_jit()
     return result
 
 
@@ -257,7 +284,7 @@ def _start_llm(run_dir: Path, rank: int, log: LaunchLogWriter, plan: VllmPlan, a
 
         if rec is not None:
             rec.set_phase("generate", size=plan.generate_tokens)
-        sp = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
+        sp = SamplingParams(**{"max_tokens": 4, "ignore_eos": True, "detokenize": False, **plan.sampling})
         llm.generate([{"prompt_token_ids": [1] * plan.generate_tokens}], sp)
     log.emit("phase", phase="finish")
     _barrier()
@@ -333,7 +360,7 @@ def _run_mp(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, plan: 
     kw = dict(plan.llm_kwargs)
     kw["distributed_executor_backend"] = "mp"
     plan = VllmPlan(llm_kwargs=kw, executor="mp", env=plan.env, instrument=plan.instrument, notes=plan.notes,
-                    generate_tokens=plan.generate_tokens)
+                    generate_tokens=plan.generate_tokens, sampling=plan.sampling)
     facts["instrumentation"] = {"flashinfer": {}, "progress": ["in each vLLM worker process"], "errors": []}
     _write_facts(run_dir, rank, facts)
     # This process only hosts the engine core; rank 0's vLLM worker announces its own pid in rank0.jsonl.

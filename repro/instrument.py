@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,6 +601,97 @@ _ORIG_FUNCS: dict[str, Callable[..., Any]] = {}
 def installed() -> dict[str, bool]:
     """Which FlashInfer entry points are wrapped in this process."""
     return {name: name in _WRAPPERS for name in (*FUSED_CALLS, *WORKSPACE_CALLS)}
+
+
+# ---- FlashInfer's JIT builds ---------------------------------------------------------------------------
+#
+# FlashInfer builds a kernel module on first use (`JitSpec.build_and_load` in flashinfer/jit/core.py): it
+# loads a prebuilt artifact if there is one, else takes the module's build lock (a file lock,
+# `JitSpec.lock_path`) and runs ninja. A start-up that waits there (another process holds the lock, or the
+# build never ends) writes nothing else; this wrapper records the entry and the return, with the module
+# name and the lock path, in `vllm/jit-rank<N>.jsonl`, so the report can say where the rank is.
+
+JIT_FILE = "jit-rank{rank}.jsonl"
+
+
+def _jit_record(rec: Recorder, **fields: Any) -> None:
+    if rec.run_dir is None:
+        return
+    d = rec.run_dir / "vllm"
+    with contextlib.suppress(OSError):
+        d.mkdir(parents=True, exist_ok=True)
+        with (d / JIT_FILE.format(rank=rec.rank)).open("a") as f:
+            f.write(json.dumps({"t": round(time.time(), 3), "pid": os.getpid(), **fields}, default=str) + "\n")
+            f.flush()
+
+
+def _jit_build_and_load(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rec = _STATE
+        if rec is None:
+            return orig(self, *args, **kwargs)
+        name = str(getattr(self, "name", "?"))
+        lock = ""
+        with contextlib.suppress(Exception):
+            lock = str(self.lock_path)
+        before = rec.progress
+        t0 = time.monotonic()
+        _jit_record(rec, ev="enter", module=name, lock=lock, phase=before.phase)
+        rec.set_phase("jit", size=before.size, label=f"FlashInfer JIT {name}")
+        try:
+            out = orig(self, *args, **kwargs)
+        except BaseException as e:
+            _jit_record(rec, ev="error", module=name, error=f"{type(e).__name__}: {e}"[:300],
+                        s=round(time.monotonic() - t0, 3))
+            raise
+        _jit_record(rec, ev="return", module=name, s=round(time.monotonic() - t0, 3))
+        rec.resume_phase(before)
+        return out
+
+    return wrapper
+
+
+def install_flashinfer_jit() -> list[str]:
+    """Wrap FlashInfer's `JitSpec.build_and_load` (where it exists); returns what was wrapped."""
+    try:
+        from flashinfer.jit import core
+    except Exception:
+        return []
+    done = []
+    for cls_name in ("JitSpec", "JitSpecNvcc"):
+        cls = getattr(core, cls_name, None)
+        if isinstance(cls, type) and _wrap_method(cls, "build_and_load", _jit_build_and_load):
+            done.append(f"flashinfer.jit.core.{cls_name}.build_and_load")
+    return done
+
+
+def read_jit_records(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """Every rank's JIT records (vllm/jit-rank<N>.jsonl), oldest first."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for f in sorted((run_dir / "vllm").glob("jit-rank*.jsonl")):
+        m = re.fullmatch(r"jit-rank(\d+)\.jsonl", f.name)
+        if not m:
+            continue
+        recs = []
+        with contextlib.suppress(OSError):
+            for line in f.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    recs.append(json.loads(line))
+        out[int(m.group(1))] = recs
+    return out
+
+
+def unfinished_jit(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The builds a rank entered and never left (no `return` or `error` for the same module after it)."""
+    open_: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        mod = str(r.get("module"))
+        if r.get("ev") == "enter":
+            open_[mod] = r
+        elif r.get("ev") in ("return", "error"):
+            open_.pop(mod, None)
+    return list(open_.values())
 
 
 # ---- vLLM's start-up progress -------------------------------------------------------------------------

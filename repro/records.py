@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-REPORT_SCHEMA_VERSION = "1.1"
+REPORT_SCHEMA_VERSION = "1.2"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"; 1.2: Report.faults, Verdict.ranks, WatchdogVerdict.stragglers/patience_s/interrupted_by, RankExit.error_line
 
 
 class _Rec(BaseModel):
@@ -368,6 +368,77 @@ class FaultOutcome(_Rec):
     @property
     def fired(self) -> bool:
         return bool(self.fired_on)
+# ---- jobs vdiag did not launch (`vdiag watch`, `vdiag attach`; repro/observe/) -----------------------
+
+FactHow = Literal["observed", "inferred", "computed"]
+ProcessRole = Literal["worker", "engine-core", "api-server", "torchrun-agent", "launcher", "process"]
+
+
+class Fact(_Rec):
+    """One statement in an observed job's report, with how vdiag knows it and from where."""
+
+    text: str
+    how: FactHow
+    source: str = ""  # e.g. "/proc/PID/environ", "process title", "NVML", "py-spy", "output line"
+
+
+class ProcessIdentity(_Rec):
+    """Who a process of the job is. Every field that vdiag could not tell is None, never a guess."""
+
+    role: ProcessRole = "process"
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    tp_rank: int | None = None
+    pp_rank: int | None = None
+    dp_rank: int | None = None
+    title: str = ""  # vLLM's process title, e.g. VLLM::Worker_PP1_TP0
+    cuda_visible_devices: str | None = None
+    nvml_gpus: list[int] = []  # devices whose NVML process list holds this pid
+    sources: dict[str, str] = {}  # field -> where it came from ("RANK in /proc/PID/environ", "process title")
+
+
+class ObservedProcess(_Rec):
+    pid: int
+    ppid: int | None = None
+    name: str = ""
+    cmdline: str = ""  # redacted
+    identity: ProcessIdentity = ProcessIdentity()
+    python: bool = False
+    cpu_s: float | None = None  # CPU seconds at the verdict
+    cpu_pct: float | None = None  # mean over the confirmation window
+    state: str = ""  # busy | idle | exited | unknown
+    wait_site: str = ""  # the known wait its stack is in ("" when outside every known wait or unknown)
+    exit_status: int | None = None
+
+
+class ProgressMark(_Rec):
+    """A tqdm-style N/M progress bar seen in the job's output, at its last value."""
+
+    label: str
+    n: int
+    total: int
+    t: float
+    updates: int = 1
+
+
+class ObservedJob(_Rec):
+    mode: Literal["watch", "attach"]
+    command: str = ""  # redacted command line (watch) or the attached pids' command lines (attach)
+    root_pids: list[int] = []
+    processes: list[ObservedProcess] = []
+    progress: list[ProgressMark] = []
+    output_lines: int = 0
+    output_tail: list[str] = []  # redacted
+    returncode: int | None = None
+    signal: str | None = None
+    stall_s: float = 0.0
+    patience_s: float = 0.0
+    instrumented: bool = False
+    on_hang: str = "report"
+    stragglers: list[int] = []  # ranks outside every known wait when the verdict was given
+    interrupted: bool = False  # Ctrl-C on vdiag before any hang was seen: the job was ended
+    facts: list[Fact] = []
 
 
 class Report(_Rec):
@@ -400,3 +471,4 @@ class Report(_Rec):
     activity_plot: str = ""
     notes: list[str] = []
     faults: list[FaultOutcome] = []
+    observed: ObservedJob | None = None  # watch/attach: the job vdiag did not launch (no scenario)

@@ -131,9 +131,9 @@ VLLM_KEYS = {
     "executor": "auto | external_launcher | mp (auto: external_launcher, or mp where it cannot run PP > 1)",
     "num_layers": "shrink the model to this many decoder layers (hf_overrides.num_hidden_layers)",
     "hf_overrides": "more Hugging Face config overrides, merged over num_layers",
-    "max_model_len": "vLLM's max_model_len (default 4096)",
-    "gpu_memory_utilization": "vLLM's gpu_memory_utilization (default 0.85)",
-    "enforce_eager": "no compilation and no CUDA graphs (default false)",
+    "max_model_len": "vLLM's max_model_len (unset: vLLM derives it from the config's max_position_embeddings)",
+    "gpu_memory_utilization": "vLLM's gpu_memory_utilization (unset: vLLM's default)",
+    "enforce_eager": "no compilation and no CUDA graphs (unset: vLLM's default, false)",
     "optimization_level": "vLLM's -O level (0-3), where the installed vLLM has one",
     "compilation_config": "merged over the compilation config vdiag builds (pass flags, capture sizes)",
     "pass_config": "merged into compilation_config.pass_config",
@@ -141,8 +141,9 @@ VLLM_KEYS = {
     "env": "environment variables for the workers (VLLM_*, NCCL_*, ...)",
     "instrument": "{sync: true|false, progress: true|false}: see docs/vllm-engine.md",
     "generate": "after start-up, run one request of N prompt tokens (default 0: start-up only)",
+    "sampling": "SamplingParams for that request, e.g. {top_p: 0.9} (default: max_tokens 4, ignore_eos)",
     "model_type": "Hugging Face model_type for config.json when the architecture is not known to vdiag",
-    "seed": "vLLM's seed (default 0)",
+    "seed": "vLLM's seed (unset: vLLM's default)",
     "command": "the vllm serve command the scenario was written from (informational)",
     "unknown_flags": "vllm serve flags vdiag does not model (informational)",
 }
@@ -172,6 +173,7 @@ class VllmPlan:
     instrument: InstrumentOptions
     notes: list[str] = field(default_factory=list)
     generate_tokens: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 def vllm_block(sc: Scenario) -> dict[str, Any]:
@@ -290,13 +292,13 @@ def build_plan(sc: Scenario, model_dir: Path, api: VllmApi | None = None) -> Vll
         pipeline_parallel_size=sc.parallel.pp,
         distributed_executor_backend=executor,
         dtype=_DTYPES[sc.model.dtype],
-        max_num_seqs=sc.capture.max_num_seqs,
-        max_num_batched_tokens=sc.capture.max_num_batched_tokens,
-        max_model_len=int(block.get("max_model_len", 4096)),
-        gpu_memory_utilization=float(block.get("gpu_memory_utilization", 0.85)),
-        enforce_eager=bool(block.get("enforce_eager", False)),
-        seed=int(block.get("seed", 0)),
     )
+    # Only what the scenario sets: everything else is left to the installed vLLM's own defaults.
+    kw.update(scheduler_args(sc))
+    for key, cast in (("max_model_len", int), ("gpu_memory_utilization", float), ("enforce_eager", bool),
+                      ("seed", int)):
+        if block.get(key) is not None:
+            kw[key] = cast(block[key])
     if cc:
         kw["compilation_config"] = cc
     if hf_overrides:
@@ -304,6 +306,7 @@ def build_plan(sc: Scenario, model_dir: Path, api: VllmApi | None = None) -> Vll
     if block.get("optimization_level") is not None:
         kw["optimization_level"] = int(block["optimization_level"])
     kw = _deep_merge(kw, dict(block.get("llm_kwargs") or {}))
+    notes.extend(scheduler_notes(kw, sc))
 
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -323,8 +326,79 @@ def build_plan(sc: Scenario, model_dir: Path, api: VllmApi | None = None) -> Vll
     return VllmPlan(
         llm_kwargs=kw, executor=executor, env=env,
         instrument=InstrumentOptions(sync=bool(inst.get("sync", True)), progress=bool(inst.get("progress", True))),
-        notes=notes, generate_tokens=int(block.get("generate", 0) or 0),
+        notes=notes, generate_tokens=int(block.get("generate", 0) or 0), sampling=_sampling(sc, block),
     )
+
+
+def _sampling(sc: Scenario, block: dict[str, Any]) -> dict[str, Any]:
+    val = block.get("sampling") or {}
+    if not isinstance(val, dict):
+        raise ScenarioError(f"scenario {sc.name}: vllm.sampling: expected a mapping of SamplingParams fields, "
+                            f"for example {{top_p: 0.9}}; got {val!r}")
+    return dict(val)
+
+
+# vdiag's own defaults for the capture block (repro/scenario.py): they drive the replay, and a value equal to
+# one of them is not passed to vLLM, which then chooses its own. A scenario that needs exactly one of these
+# values in vLLM sets it in vllm.llm_kwargs.
+_CAPTURE_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+
+
+def scheduler_args(sc: Scenario) -> dict[str, int]:
+    """The scheduler limits the scenario sets (capture.max_num_seqs / max_num_batched_tokens), for LLM(...).
+
+    Scenario files come to the workers as a full dump, so "set" means "differs from vdiag's default";
+    a limit left at vdiag's default is vLLM's to choose (vLLM 0.26.0: max_num_batched_tokens =
+    min(16384 on a GPU of 70 GiB or more, else 8192; max_num_seqs x max_model_len), see
+    EngineArgs._set_default_max_num_seqs_and_batched_tokens_args)."""
+    out: dict[str, int] = {}
+    for key, default in _CAPTURE_DEFAULTS.items():
+        val = int(getattr(sc.capture, key))
+        if val != default:
+            out[key] = val
+    return out
+
+
+def scheduler_notes(kw: dict[str, Any], sc: Scenario) -> list[str]:
+    """What the report must say about the scheduler limits vLLM gets (computed from the LLM arguments)."""
+    notes = []
+    left = [k for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len") if k not in kw]
+    if left:
+        notes.append("LLM arguments left to vLLM's own defaults: " + ", ".join(left))
+    eff = dict(kw)
+    eff.setdefault("max_model_len", config_max_len(sc))  # vLLM reads it from the config vdiag writes
+    fault = oversized_batch(eff)
+    if fault:
+        notes.append(fault)
+    return notes
+
+
+def oversized_batch(kw: dict[str, Any]) -> str:
+    """The argument combination that made vLLM 0.26.0 fault on the H200 (docs/vllm-engine.md, "The
+    max_num_batched_tokens fault"): an explicit max_num_batched_tokens above max_num_seqs x max_model_len.
+
+    vLLM only warns about it (SchedulerConfig.verify_max_model_len); its warm-up dummy runs
+    (kernel_warmup's FlashInfer autotune, compile_or_warm_up_model's largest compile range) then spread
+    max_num_batched_tokens over max_num_seqs dummy requests (GPUModelRunner._dummy_run), each longer than
+    max_model_len, whose block tables hold max_model_len tokens. Returns the note for the report, or ""
+    when the combination is safe or not fully known (vLLM's own defaults are capped at
+    max_num_seqs x max_model_len, so they never are)."""
+    try:
+        tokens = int(kw["max_num_batched_tokens"])
+        seqs = int(kw["max_num_seqs"])
+        max_len = int(kw["max_model_len"])
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if tokens <= seqs * max_len:
+        return ""
+    per_req = -(-tokens // seqs)
+    return (f"computed: max_num_batched_tokens {tokens} > max_num_seqs {seqs} x max_model_len {max_len} = "
+            f"{seqs * max_len}: vLLM accepts this with a warning, and its warm-up dummy run of {tokens} tokens "
+            f"(FlashInfer autotune, compile-range warm-up) then builds {seqs} requests of up to {per_req} tokens, "
+            "longer than max_model_len, against block tables sized for max_model_len; vLLM 0.26.0 on an H200 "
+            "died there with 'CUDA error: an illegal memory access' in the attention kernel (FlashAttention-3 "
+            "and vLLM's Triton attention alike): lower max_num_batched_tokens to max_num_seqs x max_model_len "
+            "or raise max_model_len")
 
 
 _FLAG_ALIASES = {
@@ -348,6 +422,11 @@ def _rename_pass_flags(pc: dict[str, Any], api: VllmApi) -> dict[str, Any]:
 # ---- the local model folder -------------------------------------------------------------------------
 
 
+def config_max_len(sc: Scenario) -> int:
+    """max_position_embeddings of the config.json vdiag writes (vLLM's max_model_len when unset)."""
+    return max(int(vllm_block(sc).get("max_model_len") or 0), 8192)
+
+
 def hf_config(sc: Scenario) -> dict[str, Any]:
     """A Hugging Face config.json for the scenario's model shape (no weights: load_format=dummy)."""
     m = sc.model
@@ -358,7 +437,7 @@ def hf_config(sc: Scenario) -> dict[str, Any]:
             f"scenario {sc.name}: model.architecture {m.architecture}: vdiag does not know its Hugging Face "
             f"model_type; set vllm.model_type (known: {', '.join(_MODEL_TYPES)})"
         )
-    max_len = max(int(block.get("max_model_len", 4096)), 8192)
+    max_len = config_max_len(sc)
     cfg: dict[str, Any] = {
         "architectures": [m.architecture],
         "model_type": model_type,
@@ -698,6 +777,12 @@ def scenario_yaml_from_serve(cmd: ServeCommand, engine: str = "vllm", name: str 
         vb.append(f"  compilation_config: {_flow(cc)}")
     if cmd.hf_overrides:
         vb.append(f"  hf_overrides: {_flow(cmd.hf_overrides)}")
+    # A limit the command sets to exactly vdiag's capture default would read as unset (scheduler_args):
+    # pass it to vLLM explicitly.
+    same = {k: v for k, v in (("max_num_seqs", cmd.max_num_seqs), ("max_num_batched_tokens", cmd.max_num_batched_tokens))
+            if v is not None and v == _CAPTURE_DEFAULTS[k]}
+    if same:
+        vb.append(f"  llm_kwargs: {_flow(same)}   # set in the command, equal to vdiag's capture defaults")
     if vb:
         lines += ["vllm:", *vb]
     if engine == "vllm":

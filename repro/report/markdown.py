@@ -474,6 +474,15 @@ def _summary(report: Report) -> str:
     if listed:
         wd += " (" + "; ".join(listed) + ")"
     facts.append(wd)
+    if report.observed is not None:
+        ob = report.observed
+        facts.append(
+            f"- job ({ob.mode}): {_code(ob.command[:300])}, {_n(len(ob.processes), 'process', 'processes')} "
+            f"followed, world {report.world_size}, {report.duration_s:.1f} s"
+            + (f", started {report.started}" if report.started else "")
+        )
+        out.append("\n".join(facts))
+        return "\n\n".join(out)
     run = (
         f"- run: scenario {_code(report.scenario_name)}"
         + (f" ({_code(report.scenario_file)})" if report.scenario_file else "")
@@ -844,6 +853,42 @@ def _env_section(report: Report) -> _Section:
     return _Section(title="Environment", items=lines, noun="environment lines", head=open_, tail=close)
 
 
+def _observed_section(report: Report) -> _Section | None:
+    """A job vdiag did not launch: its processes, who each is and how vdiag knows, what it printed."""
+    ob = report.observed
+    if ob is None:
+        return None
+    items: list[str] = []
+    items.append("| pid | parent | role | rank | title | state | CPU % | wait | identity from |")
+    items.append("|---|---|---|---|---|---|---|---|---|")
+    for p in ob.processes:
+        i = p.identity
+        rank = "unknown" if i.rank is None else str(i.rank)
+        src = "; ".join(f"{k}: {v}" for k, v in sorted(i.sources.items())) or "nothing the process showed"
+        cells = [str(p.pid), str(p.ppid or ""), i.role, rank, _cell(_md(i.title, 60)), p.state,
+                 "" if p.cpu_pct is None else f"{p.cpu_pct:.0f}", _cell(_md(p.wait_site, 120)), _cell(_md(src, 300))]
+        items.append("| " + " | ".join(cells) + " |")
+    if ob.facts:
+        items.append("")
+        items.append("What vdiag observed, inferred and computed:")
+        for f in ob.facts:
+            items.append(f"- {f.how}: {_md(f.text, 400)}" + (f" ({_md(f.source, 200)})" if f.source else ""))
+    if ob.progress:
+        items.append("")
+        items.append("Progress bars in the output (last value):")
+        for m in ob.progress[-8:]:
+            items.append(f"- {_md(m.label, 120)}: {m.n}/{m.total} ({m.updates} updates)")
+    if ob.output_tail:
+        items.append("")
+        items.append(f"Last lines of output ({ob.output_lines} lines in all, logs/output.log):")
+        open_, close = _fence("text", "\n".join(ob.output_tail))
+        items.append(open_)
+        items.extend(ob.output_tail[-15:])
+        items.append(close)
+    return _Section(title=f"## The job ({ob.mode})", items=items, noun="lines about the job", collapsible=False,
+                    weight=3)
+
+
 def _scenario_section(report: Report) -> _Section | None:
     if not report.scenario_yaml.strip():
         return None
@@ -870,6 +915,7 @@ def render_markdown(report: Report, *, limit: int = MARKDOWN_LIMIT) -> str:
         _ranks_section,
         _where_section,
         _faults_section,
+        _observed_section,
         _hypotheses_section,
         _evidence_section,
         _divergence_section,

@@ -150,3 +150,13 @@ def test_cli_stdout_and_file(tmp_path: Path) -> None:
     assert sc.engine == "replay" and sc.name == "mine"
     res = runner.invoke(app, ["scenario", "from-vllm", "-o", str(out), "--", "vllm", "serve", "x"])
     assert isinstance(res.exception, ScenarioError) and "--force" in res.exception.message
+
+
+def test_limits_equal_to_vdiag_defaults_still_reach_vllm(tmp_path: Path) -> None:
+    text = scenario_yaml_from_serve(parse_serve(["vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct",
+                                                 "--max-num-batched-tokens", "8192", "--max-num-seqs", "64"]))
+    kw = build_plan(parse_scenario_text(text, "<t>"), tmp_path, NEWEST_API).llm_kwargs
+    assert kw["max_num_batched_tokens"] == 8192 and kw["max_num_seqs"] == 64
+    text = scenario_yaml_from_serve(parse_serve(["vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct"]))
+    kw = build_plan(parse_scenario_text(text, "<t>"), tmp_path, NEWEST_API).llm_kwargs
+    assert "max_num_batched_tokens" not in kw and "max_num_seqs" not in kw

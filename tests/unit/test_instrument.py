@@ -569,3 +569,87 @@ def test_signature_facts_match_installed_flashinfer() -> None:
         assert instrument.honours_symm_dev_mem(comm.trtllm_create_ipc_workspace_for_all_reduce_fusion) is True
     finally:
         instrument.uninstall()
+
+
+# ---- FlashInfer's JIT build lock, with real processes and a real file lock ----------------------------
+
+_FAKE_JIT_CORE = '''
+from pathlib import Path
+from filelock import FileLock
+
+
+class JitSpec:
+    """FlashInfer's JitSpec as far as the wrapper sees it: a name, a lock path, build_and_load, which takes
+    the module's build lock with filelock before building (flashinfer/jit/core.py does the same)."""
+
+    def __init__(self, name, lock_path):
+        self.name = name
+        self.lock_path = Path(lock_path)
+
+    def build_and_load(self):
+        with FileLock(self.lock_path, thread_local=False):
+            return "module " + self.name
+'''
+
+_CHILD = '''
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+run = Path(sys.argv[2])
+from repro import instrument
+from repro.launchlog import LaunchLogWriter
+(run / "launch").mkdir(parents=True, exist_ok=True)
+rec = instrument.configure(LaunchLogWriter(run / "launch" / "rank0.jsonl", 0), 0, 1, 1, run_dir=run)
+rec.set_phase("generate", size=16)
+print(instrument.install_flashinfer_jit(), flush=True)
+from flashinfer.jit.core import JitSpec
+print(JitSpec("sampling", sys.argv[3]).build_and_load(), flush=True)
+'''
+
+
+def test_a_jit_build_waiting_on_a_held_lock_is_named_in_the_report_notes(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from filelock import FileLock
+
+    from repro import engine_vllm
+
+    pkg = tmp_path / "fake" / "flashinfer" / "jit"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core.py").write_text(_FAKE_JIT_CORE)
+    run, lock_path = tmp_path / "run", tmp_path / "sampling.lock"
+    held = FileLock(str(lock_path), thread_local=False)
+    held.acquire()  # another process's build of the same module
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "fake"), str(run), str(lock_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        jit = run / "vllm" / "jit-rank0.jsonl"
+        deadline = time.monotonic() + 60
+        while not (jit.exists() and '"enter"' in jit.read_text()) and time.monotonic() < deadline:
+            assert child.poll() is None, child.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert child.poll() is None  # still waiting for the lock
+        notes = engine_vllm.jit_notes(run)
+        assert any(n.startswith("rank 0: entered FlashInfer's JIT build of module 'sampling' (phase generate")
+                   and str(lock_path) in n for n in notes), notes
+        log = read_rank_log(run / "launch" / "rank0.jsonl", 0)
+        assert [p.phase for p in log.phases][-2:] == ["generate", "jit"]
+        held.release()
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert "flashinfer.jit.core.JitSpec.build_and_load" in out and "module sampling" in out
+        notes = engine_vllm.jit_notes(run)
+        assert not any("never returned" in n for n in notes)
+        assert any(n.startswith("rank 0: FlashInfer JIT modules loaded: sampling (") for n in notes), notes
+        log = read_rank_log(run / "launch" / "rank0.jsonl", 0)
+        assert [p.phase for p in log.phases][-1] == "generate"  # back to the phase it interrupted
+    finally:
+        if held.is_locked:
+            held.release()
+        if child.poll() is None:
+            child.kill()
+            child.wait()

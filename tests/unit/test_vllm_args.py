@@ -21,6 +21,7 @@ from repro.vllm_args import (
     build_plan,
     detect_api,
     hf_config,
+    oversized_batch,
     resolve_executor,
     write_model_dir,
 )
@@ -103,7 +104,13 @@ def test_seed_scenario_translates_to_llm_kwargs(tmp_path: Path) -> None:
     assert kw["load_format"] == "dummy" and kw["skip_tokenizer_init"] is True
     assert kw["distributed_executor_backend"] == "external_launcher" == plan.executor
     assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"]) == (2, 2)
-    assert kw["dtype"] == "bfloat16" and kw["max_num_seqs"] == 256 and kw["max_num_batched_tokens"] == 8192
+    assert kw["dtype"] == "bfloat16"
+    # Nothing the scenario leaves at vdiag's defaults reaches vLLM: vLLM chooses its own.
+    for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
+                "enforce_eager", "seed"):
+        assert key not in kw, key
+    assert any("left to vLLM's own defaults: max_num_seqs, max_num_batched_tokens, max_model_len" in n
+               for n in plan.notes)
     assert kw["hf_overrides"] == {"num_hidden_layers": 4}
     assert kw["compilation_config"] == {
         "pass_config": {"fuse_allreduce_rms": True, "eliminate_noops": True},
@@ -463,3 +470,61 @@ def test_vdiag_run_engine_vllm_end_to_end_with_a_stand_in(tmp_path: Path, monkey
                 and e.get("total")]
         assert caps == [(0, 3, 4), (1, 3, 2), (2, 3, 1), (3, 3, None)]
         assert evs[-1]["ev"] == "done" and evs[-1]["calls"] == len(launches)
+
+
+def _tp1(extra: str) -> Scenario:
+    return parse_scenario_text("name: t\nengine: vllm\nmodel: llama-3.1-8b\nparallel: {tp: 1}\n"
+                               "capture: {sizes: [1, 2, 4, 8], max_num_seqs: 8" + extra, "<t>")
+
+
+def test_issue_19_scenario_no_longer_passes_vdiag_s_batch_default(tmp_path: Path) -> None:
+    # The scenario of issue 19: max_num_seqs 8 and max_model_len 512 set, max_num_batched_tokens not.
+    # vdiag used to pass its own 8192, which made vLLM 0.26.0 fault on the H200; now vLLM picks its own
+    # (min(16384, 8 x 512) = 4096 there), and the plan says nothing is oversized.
+    sc = _tp1("}\nvllm: {num_layers: 2, max_model_len: 512}\n")
+    kw = build_plan(sc, tmp_path, NEWEST_API).llm_kwargs
+    assert kw["max_num_seqs"] == 8 and kw["max_model_len"] == 512 and "max_num_batched_tokens" not in kw
+    assert oversized_batch(kw) == ""
+
+
+@pytest.mark.parametrize(("tokens", "seqs", "max_len", "faulty"), [
+    (8192, 8, 512, True),      # issue 19: 8 dummy requests of 1024 tokens, block tables for 512
+    (4096, 8, 512, False),     # exactly max_num_seqs x max_model_len: each request fits
+    (8192, 8, 1024, False),
+    (8193, 8, 1024, True),
+    (16384, 1024, 8192, False),  # vLLM's own H200 defaults
+])
+def test_oversized_batch_is_computed_from_the_arguments(tokens: int, seqs: int, max_len: int, faulty: bool) -> None:
+    note = oversized_batch({"max_num_batched_tokens": tokens, "max_num_seqs": seqs, "max_model_len": max_len})
+    assert bool(note) is faulty
+    if faulty:
+        assert note.startswith("computed: ") and f"> max_num_seqs {seqs} x max_model_len {max_len}" in note
+        assert f"up to {-(-tokens // seqs)} tokens" in note
+
+
+def test_an_explicit_oversized_batch_is_passed_and_named(tmp_path: Path) -> None:
+    # Set on purpose (to reproduce the fault): passed as given, and the report's notes name the cause.
+    sc = _tp1(", max_num_batched_tokens: 8200}\nvllm: {max_model_len: 512}\n")
+    plan = build_plan(sc, tmp_path, NEWEST_API)
+    assert plan.llm_kwargs["max_num_batched_tokens"] == 8200
+    assert any(n.startswith("computed: max_num_batched_tokens 8200 > max_num_seqs 8 x max_model_len 512")
+               for n in plan.notes)
+    # vdiag's default value itself is reached through llm_kwargs (the last word), and named the same way.
+    sc = _tp1("}\nvllm: {max_model_len: 512, llm_kwargs: {max_num_batched_tokens: 8192}}\n")
+    plan = build_plan(sc, tmp_path, NEWEST_API)
+    assert plan.llm_kwargs["max_num_batched_tokens"] == 8192
+    assert any("8192 > max_num_seqs 8 x max_model_len 512 = 4096" in n for n in plan.notes)
+
+
+def test_unset_max_model_len_is_the_config_s_and_checked_against_it(tmp_path: Path) -> None:
+    sc = _tp1(", max_num_batched_tokens: 65600}\nvllm: {num_layers: 2}\n")
+    plan = build_plan(sc, tmp_path, NEWEST_API)
+    assert "max_model_len" not in plan.llm_kwargs and hf_config(sc)["max_position_embeddings"] == 8192
+    assert any("65600 > max_num_seqs 8 x max_model_len 8192" in n for n in plan.notes)
+
+
+def test_sampling_block(tmp_path: Path) -> None:
+    plan = build_plan(_tp1("}\nvllm: {generate: 8, sampling: {top_p: 0.9}}\n"), tmp_path, NEWEST_API)
+    assert plan.generate_tokens == 8 and plan.sampling == {"top_p": 0.9}
+    with pytest.raises(ScenarioError, match=r"vllm\.sampling: expected a mapping"):
+        build_plan(_tp1("}\nvllm: {sampling: 0.9}\n"), tmp_path, NEWEST_API)

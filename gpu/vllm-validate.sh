@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Real vLLM on the lent single-GPU machine (docs/vllm-engine.md, docs/gpu-validation.md, issue 19).
+#
+# Here, once: `bash gpu/prepare-vllm.sh` builds the bundle (.vla, .vlc, .vlb). There, three calls back to
+# back (a machine stays warm 30 s after a call and keeps /root/vl and /root/vsite; if the third call finds
+# /root/vl/vllm missing, start again at call 1):
+#   1. carry [".vla"]:  bash gpu/vllm-unpack.sh a
+#   2. carry [".vlc"]:  bash gpu/vllm-unpack.sh c
+#   3. carry [".vlb"]:  bash gpu/vllm-validate.sh          (unpacks .vlb first, then the steps below)
+# Steps (VLLM_STEPS, comma-separated): unpack, probe, fault, clean, overflow, jitlock, pytest, tp2, pack.
+#   probe     versions: GPU, driver, torch, vLLM (and what vdiag's detect_api reads), FlashInfer
+#   fault     plain vLLM with issue 19's arguments and three variations (gpu/vllm_probe.py)
+#   clean     vdiag run scenarios/vllm-tp1-clean.yaml: compile, CUDA-graph capture, one request
+#   overflow  vdiag run scenarios/vllm-tp1-batch-overflow.yaml: vLLM's own fault, reproduced
+#   jitlock   vdiag run scenarios/vllm-tp1-jit-lock.yaml with FlashInfer's sampling build lock held by
+#             gpu/hold_flashinfer_lock.py (started and ended here, by its pid)
+#   pytest    (not in the default list) tests/gpu/test_vllm_engine.py: the clean and the fault scenario
+#   tp2       (multi-GPU machines only, not in the default list) VLLM_TP2_SCENARIOS, e.g. a TP=2 clean run
+#             and the seed with real vLLM: one GPU per rank, NCCL refuses two ranks on one GPU
+#   pack      $OUT/summary.json (every run's verdict, notes, phases), vllm-runs.tgz, probes.tgz
+# Results go to $OUT (default gpu/results-vllm). NVLink multicast stays off.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu/results-vllm}
+mkdir -p "$OUT"
+VL=${VDIAG_VLLM_DIR:-/root/vl}
+VSITE=${VDIAG_VLLM_SITE:-/root/vsite}
+VLB=${VDIAG_VLB:-.vlb}
+[[ -d $VLB ]] || VLB=$ROOT/../.vlb
+STEPS=${VLLM_STEPS:-unpack,probe,fault,clean,overflow,jitlock,pack}
+WORK=${VLLM_WORK:-/tmp/vdiag-vllm}
+mkdir -p "$WORK/reports"
+exec > >(tee -a "$OUT/vllm-validate.log") 2>&1
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+say() { echo "[vllm-validate $(date +%H:%M:%S)] $*"; }
+RCS=()
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if has unpack; then
+  if [[ ! -d $VL/vllm ]]; then
+    say "$VL/vllm is missing: the machine went cold between the bundle calls; start again at call 1"; exit 3
+  fi
+  t0=$(date +%s)
+  xz -dc "$VLB/vl-b.tar.xz" | tar -x -C "$VL" || { say "unpacking $VLB/vl-b.tar.xz failed"; exit 3; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$VSITE" "$VLB"/deps/*.whl 2>&1 | tail -3
+  say "bundle unpacked in $(( $(date +%s) - t0 )) s"
+fi
+# The bundle's FlashInfer is its Python package only (no kernel sources, see docs/vllm-engine.md): vLLM's
+# FlashInfer sampler stays off except where a scenario turns it on (vllm-tp1-jit-lock.yaml).
+export PYTHONPATH=$ROOT:$VL:$VSITE${PYTHONPATH:+:$PYTHONPATH} PATH=$VSITE/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0
+export FLASHINFER_WORKSPACE_BASE=$WORK/fi FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+VDIAG="python3 -m repro.cli"
+
+if has probe; then
+  say "probe"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  python3 - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
+from repro.vllm_args import detect_api
+print("detect_api", detect_api())
+for m in ("flashinfer", "filelock", "pydantic"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "ok"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, e)
+PY
+  which py-spy torchrun || true
+fi
+
+if has fault; then
+  say "fault: plain vLLM, issue 19's arguments and variations"
+  python3 gpu/vllm_probe.py --out "$WORK/probes" --timeout "${VLLM_PROBE_TIMEOUT:-150}" \
+    ${VLLM_PROBE_CASES:-oversized oversized-triton fits-1024}
+  cp "$WORK/probes/probe.jsonl" "$OUT/" 2>/dev/null || true
+fi
+
+vrun() {  # NAME SCENARIO [vdiag run options]
+  local name=$1 scen=$2; shift 2
+  say "vdiag run $scen $*"
+  local t0=$(date +%s)
+  timeout -s INT "${VLLM_RUN_TIMEOUT:-420}" $VDIAG run "$scen" --reports "$WORK/reports" --no-live "$@"
+  local rc=$?
+  say "$name: exit $rc after $(( $(date +%s) - t0 )) s"
+  RCS+=(--rc "$name=$rc")
+}
+if has clean; then vrun clean scenarios/vllm-tp1-clean.yaml --gpu-state none; fi
+if has overflow; then vrun overflow scenarios/vllm-tp1-batch-overflow.yaml --gpu-state none; fi
+if has jitlock; then
+  say "jitlock: another process holds FlashInfer's JIT build lock for its sampling module"
+  python3 gpu/hold_flashinfer_lock.py --pid-file "$WORK/holder.pid" > "$OUT/holder.log" 2>&1 &
+  HOLDER=$!
+  for _ in $(seq 1 60); do grep -q '^holding' "$OUT/holder.log" && break; sleep 0.5; done
+  cat "$OUT/holder.log"
+  if grep -q '^holding' "$OUT/holder.log"; then
+    vrun jitlock scenarios/vllm-tp1-jit-lock.yaml --gpu-state "${VLLM_JITLOCK_GPU_STATE:-none}"
+    if kill -0 "$HOLDER" 2>/dev/null; then say "the lock holder (pid $HOLDER) is still running: vdiag left it alone"
+    else say "the lock holder (pid $HOLDER) is gone"; fi
+  fi
+  kill -TERM "$HOLDER" 2>/dev/null; wait "$HOLDER" 2>/dev/null
+fi
+if has pytest; then say "pytest tests/gpu/test_vllm_engine.py"; python3 -m pytest -q -p no:cacheprovider tests/gpu/test_vllm_engine.py 2>&1 | tail -25; fi
+if has tp2; then  # one GPU per rank: nvidia-h200-x2 or larger
+  for s in ${VLLM_TP2_SCENARIOS:-}; do vrun "$(basename "$s" .yaml)" "$s" --gpu-state auto; done
+fi
+
+if has pack; then
+  say "pack"
+  python3 gpu/vllm_summary.py "$WORK/reports" "${RCS[@]}" > "$OUT/summary.json"
+  tar -C "$WORK" --exclude='core.*' --exclude='pipe.*' --exclude='model-rank*' -czf "$OUT/vllm-runs.tgz" reports 2>/dev/null
+  [[ -d $WORK/probes ]] && tar -C "$WORK" -czf "$OUT/probes.tgz" probes
+  ps -eo pid,ppid,stat,etime,cmd | grep -E "repro|torchrun|vllm|hold_flashinfer" | grep -v grep || say "no process of these runs is left"
+  ls -la "$OUT"
+fi
+say "done"
