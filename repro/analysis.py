@@ -21,17 +21,22 @@ from repro.records import (
     Analysis,
     CorruptionFinding,
     Divergence,
+    FaultOutcome,
     FileLockHold,
+    Frame,
     GpuState,
     Hypothesis,
     HypothesisStatus,
     LaunchEvent,
+    RankExit,
     RankLog,
+    RankWhere,
     StackCluster,
     StackSample,
     Verdict,
     WatchdogVerdict,
 )
+from repro.scenario import Scenario
 
 COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
 
@@ -275,6 +280,54 @@ def _lock_text(x: FileLockHold) -> str:
     return text
 
 
+# Wait primitives an idle rank may sit in that the tables above do not name: a thread, a lock, a queue, a
+# future, a socket or a device synchronisation. A rank idle in none of them, and in no site above, is busy
+# on the host (a straggler), not waiting for a peer.
+GENERIC_WAITS = frozenset({
+    "wait", "acquire", "synchronize", "join", "_wait_for_tstate_lock", "result", "select", "poll", "epoll",
+    "recv", "irecv", "recv_into", "accept", "broadcast", "all_gather", "reduce_scatter", "gather", "scatter",
+    "all_to_all", "monitored_barrier", "wait_for", "_poll_until_acquired",
+})
+
+
+def known_wait(stack: StackSample | None) -> str:
+    """What an idle rank waits in ("" when its stack shows no known wait: a straggler busy on the host)."""
+    if stack is None:
+        return ""
+    site = where_waiting(stack)
+    if site:
+        return site
+    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and stack.threads:
+        th = stack.threads[0]
+    for f in (th.frames if th else [])[:2]:
+        short = f.function.rsplit(".", 1)[-1]
+        if short in GENERIC_WAITS:
+            return f"{short} ({_short_file(f.file)}:{f.line})" if f.file else short
+    return ""
+
+
+def _short_file(path: str) -> str:
+    parts = path.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def host_frames(stack: StackSample, n: int = 3) -> str:
+    """The innermost Python frames of the main thread, `func (dir/file.py:line) <- caller <- ...`."""
+    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and stack.threads:
+        th = stack.threads[0]
+    py = [f for f in (th.frames if th else []) if not f.native]
+    if not py:
+        return "(no Python frames)"
+    def name(f: Frame) -> str:
+        return f.function.rsplit(".", 1)[-1]  # run_rank.<locals>.one_call -> one_call
+
+    first = py[0]
+    head = f"{name(first)} ({_short_file(first.file)}:{first.line})" if first.file else name(first)
+    return " <- ".join([head, *(name(f) for f in py[1:n])])
+
+
 # ---- corruption --------------------------------------------------------------------------------------
 
 
@@ -410,7 +463,15 @@ def weigh(
     clean_layout = not tok and not osd and not geo and not alias and not failed
     lamport_spin = [r for r in spinning
                     if "Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))]
-    if hang and clean_layout and fused_calls and lamport_spin:
+    stragglers = [st.rank for st in wd.stragglers]
+    if hang and clean_layout and fused_calls and lamport_spin and stragglers:
+        # The exclusion argument needs every rank accounted for; a straggler explains the wait by itself.
+        d5["against"].append(
+            f"{_plural('rank', stragglers)} {'is a straggler' if len(stragglers) == 1 else 'are stragglers'}: "
+            "stalled on the host outside every known wait before the call the spinning ranks wait in, so the "
+            "spin needs no protocol fault to explain it"
+        )
+    elif hang and clean_layout and fused_calls and lamport_spin:
         d5["score"] += 2
         d5["for"].append(
             f"{_plural('rank', lamport_spin)} spin in the Lamport poll although launches, protocol and "
@@ -444,6 +505,18 @@ def weigh(
     elif spinning:
         d6["against"].append(f"{_plural('rank', sorted(spinning))} {'is' if len(spinning) == 1 else 'are'} busy: a device-side spin-wait, not only a host wait")
 
+    # 8. a straggler: a rank busy on the host, outside every known wait, that never came back
+    if hang:
+        d8 = h("straggler", "A rank stalled on the host outside every known wait (a slow start-up "
+                            "step, not a protocol fault)")
+        for st in wd.stragglers:
+            d8["score"] += 3
+            d8["for"].append(f"rank {st.rank} made no progress for {st.idle_s:g} s and is in none of the known "
+                             f"waits: {st.where} ({st.source})")
+        if not wd.stragglers:
+            d8["against"].append("no idle rank is outside the known waits (collective, lock, barrier, "
+                                 "synchronisation, spin)")
+
     if not fused:
         for key in ("launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step"):
             H[key]["against"].insert(0, "the fused all-reduce was not used in this run (fusion off or gated)")
@@ -460,20 +533,149 @@ def weigh(
 # ---- the verdict ---------------------------------------------------------------------------------------
 
 
-def _kernel_for(ev: LaunchEvent | None, gpu: dict[int, GpuState], rank: int, tp: int, pattern: str, fp32_acc: bool) -> str:
-    g = gpu.get(rank)
+COMPUTED = "computed from the launch record"
+
+
+def _short_site(site: str) -> str:
+    """A wait site without its parenthetical explanation, for the headline paragraph."""
+    return site.split(" (")[0] if site else site
+
+
+def rank_kernel(ev: LaunchEvent | None, g: GpuState | None, tp: int, pattern: str, fp32_acc: bool
+                ) -> tuple[str, str, str]:
+    """(kernel name, geometry, where it comes from) for one rank: its GPU state when there is one (observed),
+    else its own pending launch record (computed on the sim)."""
     if g is not None and g.kernels:
         k = g.kernels[0]
         base = k.name.split("<")[0].split("(")[0]
-        dims = ",".join(str(d) for d in (k.grid or ())[:1]) + "," + ",".join(str(d) for d in (k.block or ())[:1])
-        return f"{base} <<<{dims}>>>" + (f" cluster {k.cluster[0]}" if k.cluster else "") + f" ({g.source})"
+        geo = f"grid {k.grid[0] if k.grid else '?'}, block {k.block[0] if k.block else '?'}" + (
+            f", cluster {k.cluster[0]}" if k.cluster else "")
+        return base, geo, g.source
     if ev is None:
-        return ""
+        return "", "", ""
     if ev.op == "unfused":
-        return "the unfused all_reduce (host collective)"
+        return "the unfused all_reduce (host collective)", "", "launch record"
     name = kernel_name(bool(ev.oneshot), pattern, ev.dtype, tp, fp32_acc).split("<")[0]
-    geo = f" grid {ev.grid[0] if ev.grid else '?'}, block {ev.block[0] if ev.block else '?'}, cluster {ev.cluster[0] if ev.cluster else '?'}"
-    return name + geo
+    geo = (f"grid {ev.grid[0] if ev.grid else '?'}, block {ev.block[0] if ev.block else '?'}, "
+           f"cluster {ev.cluster[0] if ev.cluster else '?'}")
+    return name, geo, COMPUTED
+
+
+def _kernel_for(ev: LaunchEvent | None, gpu: dict[int, GpuState], rank: int, tp: int, pattern: str, fp32_acc: bool) -> str:
+    name, geo, src = rank_kernel(ev, gpu.get(rank), tp, pattern, fp32_acc)
+    if not name:
+        return ""
+    return name + (f" <<<{geo}>>>" if geo else "") + (f" ({src})" if src and src != "launch record" else "")
+
+
+def rank_wheres(
+    logs: dict[int, RankLog], wd: WatchdogVerdict, stacks: dict[int, StackSample], gpu: dict[int, GpuState],
+    tp: int, pattern: str, fp32_acc: bool,
+) -> list[RankWhere]:
+    """Each hung rank's kernel and wait site from its own records: pending launch, stack, GPU state."""
+    strag = {st.rank: st for st in wd.stragglers}
+    out = []
+    for r in sorted(set(wd.busy_ranks) | set(wd.idle_ranks)):
+        lg = logs.get(r)
+        ev = lg.pending_launch() if lg is not None else None
+        state = ("finished" if lg is not None and lg.done is not None else
+                 "straggler" if r in strag else "spinning" if r in wd.busy_ranks else "idle")
+        if r in wd.busy_ranks:
+            name, geo, src = rank_kernel(ev, gpu.get(r), tp, pattern, fp32_acc)
+            site = where_waiting(stacks.get(r)) or gpu_waiting(gpu.get(r))
+        else:
+            name = geo = src = ""
+            site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag
+                    else known_wait(stacks.get(r)))
+        out.append(RankWhere(rank=r, state=state, kernel=name, geometry=geo, kernel_source=src, site=site,
+                             call=_call_dict(ev) if ev is not None else {}))
+    return out
+
+
+def _calls_text(calls: list[dict[str, Any]]) -> str:
+    if not calls:
+        return "no pending call"
+    if len({_call_text(c) for c in calls}) == 1:
+        return _call_text(calls[0])
+    idx = sorted(int(c["call"]) for c in calls if c.get("call") is not None)
+    where = sorted({f"{c.get('phase')} {c.get('size')}" for c in calls})
+    return f"calls {', '.join(map(str, idx))} ({'; '.join(where)})"
+
+
+def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
+    """One clause per set of spinning ranks that agree on kernel and wait site (and the kernel's source)."""
+    groups: dict[tuple[str, str, str], list[RankWhere]] = defaultdict(list)
+    for w in wheres:
+        if w.state == "spinning":
+            groups[(w.kernel, _short_site(w.site), w.kernel_source)].append(w)
+    out = []
+    one_source = len({src for (_k, _s, src) in groups}) == 1  # then said once, after the clauses
+    for (kernel, site, src), ws in groups.items():
+        rs = [w.rank for w in ws]
+        who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
+        text = f"{who} {'spins' if len(rs) == 1 else 'spin'}"
+        if kernel:
+            text += f" in {kernel}" + (f" ({_source_text(src)})" if src and not one_source else "")
+        if site:
+            text += f", inside {site}"
+        text += f", at {_calls_text([w.call for w in ws if w.call])}"
+        out.append(text)
+    srcs = {src for (k, _s, src) in groups if k and src}
+    if out and one_source and srcs:
+        n = sum(len(ws) for ws in groups.values())
+        out[-1] += f" (kernel{'s' if n > 1 else ''} {_source_text(srcs.pop())})"
+    return out
+
+
+def _source_text(src: str) -> str:
+    return src if src.startswith("computed") else f"from the {src}"
+
+
+def _idle_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for w in wheres:
+        if w.state in ("idle", "finished"):
+            site = _short_site(w.site)
+            if w.state == "finished":
+                site = "finished its start-up; " + (site or "waiting on the host")
+            groups[(w.state, site)].append(w.rank)
+    out = []
+    for (_state, site), rs in groups.items():
+        who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
+        out.append(f"{who} {'is' if len(rs) == 1 else 'are'} idle" + (f" in {site}" if site else ""))
+    return out
+
+
+def _straggler_text(wd: WatchdogVerdict, tp: int, pp: int) -> str:
+    if not wd.stragglers:
+        return ""
+    parts = [f"{_sentence(label(st.rank, tp, pp))} is a straggler: idle on the host outside every known wait, in {st.where}, "
+             f"with no progress for {st.idle_s:g} s" for st in wd.stragglers]
+    return " " + "; ".join(parts) + (f" (watched {wd.patience_s:g} s for it to resume)." if wd.patience_s else ".")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _evidence_clip(text: str, limit: int = 220) -> str:
+    """The first clause of a piece of evidence, at most `limit` characters (the rest is in its section)."""
+    text = text.split("; ")[0]
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _cause(top: Hypothesis | None) -> str:
+    if top is None:
+        return ""
+    title = top.title
+    # lower-case a sentence's first word, never an acronym ("TP peers", "JIT")
+    if title[:1].isupper() and not title[1:2].isupper():
+        title = title[0].lower() + title[1:]
+    return f" Most likely cause: {title} ({top.status})."
+
+
+def crash_line(c: RankExit) -> str:
+    return c.error_line or (c.stderr_tail[-1] if c.stderr_tail else "")
 
 
 def make_verdict(
@@ -489,16 +691,33 @@ def make_verdict(
     fp32_acc: bool = True,
 ) -> Verdict:
     top = hyps[0] if hyps and hyps[0].score > 0 else None
-    cause = f" Most likely cause: {top.title[0].lower() + top.title[1:]} ({top.status})." if top else ""
+    cause = _cause(top)
     wrong_ranks = [c.rank for c in corr]
     if wd.cls == "crash":
         c = wd.crashed[0] if wd.crashed else None
         who = label(c.rank, tp, pp) if c and c.rank >= 0 else "a worker"
         how = (c.signal or f"exit code {c.returncode}") if c else "unknown"
-        last = c.stderr_tail[-1] if c and c.stderr_tail else ""
+        line = crash_line(c) if c else ""
+        what = "Its error" if c and c.error_line else "Last stderr line"
         return Verdict(cls="crash", headline=f"crash: {who} died ({how})",
-                       paragraph=f"{who} exited ({how}) before the start-up finished. Last stderr line: {last!r}. "
+                       paragraph=f"{_sentence(who)} exited ({how}) before the start-up finished. {what}: {line!r}. "
                                  "The other ranks were stopped by torchrun.", top_hypothesis="")
+    if wd.cls == "interrupted":
+        by = wd.interrupted_by or "a signal"
+        how = {"SIGINT": "Ctrl-C (SIGINT)",
+               "killed": "a signal it cannot catch (SIGKILL, the OOM killer)"}.get(by, by)
+        done = sum(len(lg.results) for lg in logs.values())
+        phases = sorted({lg.phases[-1].phase + (f" {lg.phases[-1].index}/{lg.phases[-1].total}"
+                                                if lg.phases[-1].total else "")
+                         for lg in logs.values() if lg.phases})
+        during = f", during {', '.join(phases)}" if phases else ", before any rank started the replay"
+        return Verdict(
+            cls="interrupted", headline=f"interrupted: the run was stopped by {how} before a verdict",
+            paragraph=(f"vdiag was stopped by {how} after its {len(logs)} ranks had completed {done} calls{during}; "
+                       "no verdict was reached. The launch logs and activity written until then are kept in the "
+                       "run folder" + (" and every process and shared-memory segment of the run was cleaned up."
+                                       if by != "killed" else "; this report was rebuilt from them by `vdiag report`.")),
+        )
     if not wd.is_hang:
         if corr:
             first = corr[0]
@@ -514,6 +733,10 @@ def make_verdict(
                 call=call, top_hypothesis=top.key if top else "",
             )
         slow = " Progress stalled and resumed, so this is reported as slow, not hung." if wd.cls == "slow" else ""
+        if wd.cls == "slow" and wd.stragglers:
+            slow = " Progress stalled and resumed: " + "; ".join(
+                f"{label(st.rank, tp, pp)} was stalled on the host outside every known wait ({st.where}) for "
+                f"{st.idle_s:g} s, then carried on" for st in wd.stragglers) + ". A straggler, not a deadlock: slow."
         unchecked = any(x.kind == "unchecked" for lg in logs.values() for x in lg.results)
         if unchecked:
             return Verdict(cls=wd.cls, headline=f"{wd.cls}: start-up finished (results not checked)",
@@ -527,71 +750,43 @@ def make_verdict(
     focus = spinning[0] if spinning else (idle[0] if idle else 0)
     ev = pend.get(focus)
     kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
-    site = where_waiting(stacks.get(focus)) or gpu_waiting(gpu.get(focus))
-    who_spin = (", ".join(label(r, tp, pp) for r in spinning) if len(spinning) <= 4
-                else _plural("rank", spinning)) or "no rank"
-    idle_sites: dict[str, list[int]] = defaultdict(list)
-    for r in idle:
-        w = where_waiting(stacks.get(r))
-        if logs.get(r) is not None and logs[r].done is not None:
-            w = "finished its start-up; " + (w or "waiting on the host")
-        idle_sites[w].append(r)
-    idle_desc = []
-    for w, rs in idle_sites.items():
-        who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
-        idle_desc.append(f"{who} {'is' if len(rs) == 1 else 'are'} idle" + (f" in {w}" if w else ""))
+    wheres = rank_wheres(logs, wd, stacks, gpu, tp, pattern, fp32_acc)
     call_txt = _call_text(ev) if ev else "no pending call"
+    key_ev = f" Key evidence: {_evidence_clip(top.evidence_for[0], 200)}" if top and top.evidence_for else ""
+    stalled = f" No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
+    strag = _straggler_text(wd, tp, pp)
     if wd.cls == "host-wait":
         headline = f"host-wait: all {len(idle)} live ranks idle on the host, none progressing"
-        sites = {r: where_waiting(stacks.get(r)) or "an unknown host wait" for r in idle}
         by_site: dict[str, list[int]] = defaultdict(list)
-        for r, w in sites.items():
-            by_site[w].append(r)
+        for w in wheres:
+            if w.state != "straggler":
+                by_site[_short_site(w.site) or "an unknown host wait"].append(w.rank)
         para = (
-            f"All {len(idle)} live ranks are idle on the host and none progresses: "
-            + "; ".join(f"{_plural('rank', rs)} in {w}" for w, rs in by_site.items())
+            f"All {len(idle)} live ranks are idle on the host and none progresses"
+            + (": " + "; ".join(f"{_plural('rank', rs)} in {w}" for w, rs in by_site.items()) if by_site else "")
             + (f". The last calls issued: {call_txt} on {label(focus, tp, pp)}" if ev else
                ". No rank had reached a collective call")
-            + f". No rank progressed for {wd.stall_s:g} s before the stall was confirmed.{cause}"
+            + "." + strag + stalled + cause + key_ev
         )
-        if top and top.evidence_for:
-            para += f" Key evidence: {top.evidence_for[0]}"
         return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
-                       call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "")
+                       call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
     elif wd.cls == "all-spinning":
         headline = f"all-spinning: ranks {_ranks_text(spinning)} busy, none progressing"
     elif wd.cls == "timeout":
         headline = "timeout: the run did not finish within max_run_s"
     else:
         headline = f"spin-deadlock: {_ranks_text(spinning)} spinning, {_ranks_text(idle)} idle"
-    same_call = len({_call_text(pend.get(r)) for r in spinning}) <= 1
-    if spinning and not same_call and len(spinning) <= 8:
-        each = []
-        for r in spinning:
-            w = where_waiting(stacks.get(r)) or gpu_waiting(gpu.get(r))
-            k = _kernel_for(pend.get(r), gpu, r, tp, pattern, fp32_acc)
-            each.append(f"{label(r, tp, pp)} in {k}" + (f" ({w})" if w else "") + f" at {_call_text(pend.get(r))}")
-        lead = "; ".join(each) + (" spin" if len(each) > 1 else " spins")
-    else:
-        lead = (
-            f"{who_spin} {'spins' if len(spinning) == 1 else 'spin'}"
-            + (f" in {kernel}" if kernel else "")
-            + (f", inside {site}" if site and spinning else "")
-            + f", at {call_txt}"
-        )
-    para = (
-        lead
-        + (f", while {'; '.join(idle_desc)}" if idle_desc else "")
-        + f". No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
-    )
+    if wd.stragglers:
+        headline += f" (straggler: {_plural('rank', [st.rank for st in wd.stragglers])})"
+    lead = "; ".join(_spin_groups(wheres, tp, pp)) or "no rank spins"
+    idle_desc = _idle_groups(wheres, tp, pp)
+    para = _sentence(lead) + (f", while {'; '.join(idle_desc)}" if idle_desc else "") + "." + strag + stalled
     if corr:
-        para += (f" Before hanging, {_plural('rank', wrong_ranks)} also received wrong data "
-                 f"({corr[0].kind.replace('_', ' ')}, first at {_call_text(corr[0].first)}).")
-    para += cause
-    if top and top.evidence_for:
-        para += f" Key evidence: {top.evidence_for[0]}"
+        para += (f" {_plural('rank', wrong_ranks).capitalize()} also received wrong data before hanging "
+                 f"({corr[0].kind.replace('_', ' ')}).")
+    para += cause + key_ev
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=spinning, idle=idle, kernel=kernel,
-                   call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "")
+                   call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
 
 
 def analyze(
@@ -632,4 +827,24 @@ def grid_cross_checks(logs: dict[int, RankLog], gpu: dict[int, GpuState]) -> lis
             f"rank {r}: computed grid {tuple(ev.grid)} block {tuple(ev.block or ())} vs {g.source} "
             f"grid {k.grid} block {k.block}: {'agree' if agree else 'DISAGREE'}"
         )
+    return out
+
+
+def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[str] = ()) -> list[FaultOutcome]:
+    """Each injected fault of the scenario with the calls it fired at on each rank (from the `fault`
+    records the replay writes), and the warning when its selector can never match."""
+    out = []
+    for i, f in enumerate(sc.faults):
+        fired: dict[int, list[dict[str, Any]]] = {}
+        for r in f.ranks:
+            lg = logs.get(r)
+            hits = [{k: v for k, v in e.model_dump().items() if k in ("phase", "size", "layer", "sub", "call")
+                     and v is not None} for e in (lg.faults if lg else []) if e.index == i]
+            if hits:
+                fired[r] = hits
+        tag = f"faults[{i}]"
+        warning = next((w.split(": warning: ", 1)[-1] for w in warnings
+                        if w.split(": warning: ", 1)[-1].startswith(tag + ".")), "")
+        out.append(FaultOutcome(index=i, kind=f.kind, ranks=list(f.ranks),
+                                selector=f.at.model_dump(exclude_none=True), fired_on=fired, warning=warning))
     return out

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from repro.errors import ExitCode, ScenarioError, VdiagError
+from repro.errors import ExitCode, Interrupted, ScenarioError, VdiagError
 
 if TYPE_CHECKING:
     from repro.repeat import RunRecord
@@ -25,7 +25,8 @@ HELP = """Reproduce and diagnose distributed deadlocks in LLM-serving start-up (
 
 \b
 Exit codes: 0 clean, 1 hang or wrong results reproduced, 2 usage or scenario error,
-3 environment error, 4 a worker crashed, 125 bisect step skipped.
+3 environment error, 4 a worker crashed, 125 bisect step skipped, 130/143/129 stopped by
+Ctrl-C/SIGTERM/SIGHUP (cleaned up, partial report kept).
 """
 
 app = typer.Typer(help=HELP, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -136,9 +137,14 @@ def report(
         raise ScenarioError("vdiag report: give one run folder, or --merge to combine several nodes' folders")
     run_dir = run_dirs[0]
     rd = RunDir(run_dir)
-    if not rd.report_json.exists():
-        raise ScenarioError(f"{run_dir}: no report.json here; give a folder that `vdiag run` created")
-    rep = json_report.load_report(rd.report_json)
+    if rd.report_json.exists():
+        rep = json_report.load_report(rd.report_json)
+    elif rd.scenario_json.exists():  # vdiag was killed before its report: rebuild it from the records
+        from repro.run import rebuild_report
+
+        rep = rebuild_report(rd)
+    else:
+        raise ScenarioError(f"{run_dir}: no report.json or scenario.json here; give a folder that `vdiag run` created")
     rep = write_report(rd, rep)
     from repro.report.terminal import render_terminal
 
@@ -149,7 +155,7 @@ def report(
 @scenario_app.command("validate")
 def scenario_validate(files: list[Path] = typer.Argument(..., help="scenario files")) -> None:
     """Check scenario files; print every problem as file:line:column: field: message."""
-    from repro.scenario import all_errors
+    from repro.scenario import all_errors, fault_warnings, load_scenario
 
     bad = 0
     for f in files:
@@ -158,8 +164,11 @@ def scenario_validate(files: list[Path] = typer.Argument(..., help="scenario fil
             bad += 1
             for e in errs:
                 sys.stderr.write(e + "\n")
-        else:
-            print(f"{f}: ok")
+            continue
+        warns = fault_warnings(load_scenario(f), str(f))
+        for w in warns:
+            sys.stderr.write(w + "\n")
+        print(f"{f}: ok" + (f" ({len(warns)} warning{'s' if len(warns) != 1 else ''})" if warns else ""))
     if bad:
         raise typer.Exit(int(ExitCode.USAGE))
 
@@ -198,15 +207,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _stop(signum: int, _frame: object) -> None:
+    import signal
+
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C; `vdiag run` takes them over while it runs
+        signal.signal(sig, _stop)
     try:
         rc = app(standalone_mode=False)
+        if rc == ExitCode.INTERRUPTED and Interrupted.last:  # typer reads any KeyboardInterrupt as 130
+            stop = Interrupted(Interrupted.last)
+            sys.stderr.write(f"vdiag: interrupted by {stop.how}; processes and shared memory cleaned up\n")
+            rc = int(stop.exit_code)
         sys.exit(rc if isinstance(rc, int) else 0)
     except VdiagError as e:
         sys.stderr.write(f"vdiag: error: {e.message}\n")
         sys.exit(int(e.exit_code))
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except Interrupted as e:
+        sys.stderr.write(f"vdiag: interrupted by {e.how}; processes and shared memory cleaned up\n")
+        sys.exit(int(e.exit_code))
     except KeyboardInterrupt:
         sys.stderr.write("vdiag: interrupted; processes and shared memory cleaned up\n")
         sys.exit(130)
@@ -221,7 +247,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile("w", prefix="vdiag-crash-", suffix=".txt", delete=False) as f:
             traceback.print_exc(file=f)
         sys.stderr.write(f"vdiag: internal error: {type(e).__name__}: {e} (traceback in {f.name})\n")
-        sys.exit(70)
+        sys.exit(int(ExitCode.INTERNAL))
 
 
 if __name__ == "__main__":

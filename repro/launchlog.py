@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from repro.records import (
     DoneEvent,
+    FaultEvent,
     HelloEvent,
     LaunchEvent,
     PhaseEvent,
@@ -77,6 +78,7 @@ def parse_events(rank: int, events: list[dict[str, Any]]) -> RankLog:
     launches: list[LaunchEvent] = []
     results: list[ResultEvent] = []
     errors: list[str] = []
+    faults: list[FaultEvent] = []
     for e in events:
         kind = e.get("ev")
         try:
@@ -92,13 +94,15 @@ def parse_events(rank: int, events: list[dict[str, Any]]) -> RankLog:
                 workspace = WorkspaceEvent.model_validate(e)
             elif kind == "done":
                 done = DoneEvent.model_validate(e)
+            elif kind == "fault":
+                faults.append(FaultEvent.model_validate(e))
             elif kind == "error":
                 errors.append(f"{e.get('where', '?')}: {e.get('error', '')}")
         except ValidationError as ve:
             errors.append(f"unreadable {kind} record: {ve.errors()[0].get('msg')}")
     return RankLog(
         rank=rank, hello=hello, workspace=workspace, phases=phases, launches=launches, results=results,
-        done=done, errors=errors,
+        done=done, errors=errors, faults=faults,
     )
 
 

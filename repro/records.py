@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-REPORT_SCHEMA_VERSION = "1.1"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"
+REPORT_SCHEMA_VERSION = "1.2"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"; 1.2: Report.faults, Verdict.ranks, WatchdogVerdict.stragglers/patience_s/interrupted_by, RankExit.error_line
 
 
 class _Rec(BaseModel):
@@ -102,6 +102,20 @@ class DoneEvent(_Rec):
     check_s: float | None = None  # seconds spent checking results, for the checking benchmark
 
 
+class FaultEvent(_Rec):
+    """An injected fault that fired on this rank (`index` is its place in the scenario's `faults:` list)."""
+
+    rank: int
+    t: float
+    index: int
+    kind: str
+    phase: str = ""
+    size: int | None = None
+    layer: int | None = None
+    sub: int | None = None
+    call: int | None = None
+
+
 class RankLog(_Rec):
     """Everything one rank's launch log says, parsed."""
 
@@ -113,6 +127,7 @@ class RankLog(_Rec):
     results: list[ResultEvent] = []
     done: DoneEvent | None = None
     errors: list[str] = []
+    faults: list[FaultEvent] = []
 
     @property
     def completed(self) -> int:
@@ -143,9 +158,19 @@ class RankExit(_Rec):
     returncode: int | None
     signal: str | None = None
     stderr_tail: list[str] = []
+    error_line: str = ""  # the first line of the real error in the rank's log (CUDA error, fatal error, exception)
 
 
-HangClass = Literal["spin-deadlock", "all-spinning", "host-wait", "crash", "slow", "clean", "timeout"]
+HangClass = Literal["spin-deadlock", "all-spinning", "host-wait", "crash", "slow", "clean", "timeout", "interrupted"]
+
+
+class Straggler(_Rec):
+    """An idle rank outside every known wait when the stall was suspected: busy on the host, not waiting."""
+
+    rank: int
+    where: str  # innermost Python frames of its main thread, from its stack (py-spy)
+    source: str = ""
+    idle_s: float = 0.0  # how long it had made no progress when the verdict was given
 
 
 class WatchdogVerdict(_Rec):
@@ -162,6 +187,9 @@ class WatchdogVerdict(_Rec):
     crashed: list[RankExit] = []
     slow_resumed: int = 0
     note: str = ""
+    stragglers: list[Straggler] = []  # idle ranks outside every known wait (watched for patience_s)
+    patience_s: float = 0.0  # how long the watchdog kept watching for stragglers to resume
+    interrupted_by: str = ""  # SIGINT | SIGTERM | SIGHUP | killed (no report written; rebuilt by `vdiag report`)
 
     @property
     def is_hang(self) -> bool:
@@ -303,6 +331,18 @@ class Hypothesis(_Rec):
     evidence_against: list[str] = []
 
 
+class RankWhere(_Rec):
+    """One hung rank's kernel and wait site, from that rank's own evidence."""
+
+    rank: int
+    state: str  # spinning | idle | straggler | finished
+    kernel: str = ""  # the kernel's name, no template arguments
+    geometry: str = ""  # grid, block, cluster
+    kernel_source: str = ""  # "computed from the launch record" | "cuda core dump" | "cuda-gdb attach"
+    site: str = ""  # what it waits in, from its stack (or its GPU state)
+    call: dict[str, Any] = {}
+
+
 class Verdict(_Rec):
     cls: str
     headline: str
@@ -312,6 +352,7 @@ class Verdict(_Rec):
     kernel: str = ""
     call: dict[str, Any] = {}
     top_hypothesis: str = ""
+    ranks: list[RankWhere] = []  # every hung rank's own kernel and wait site
 
 
 class Analysis(_Rec):
@@ -337,6 +378,19 @@ class RankSummary(_Rec):
     state: str = ""  # spinning | idle | finished | crashed
 
 
+class FaultOutcome(_Rec):
+    """One injected fault of the scenario: where it fired, or why it never did."""
+
+    index: int
+    kind: str
+    ranks: list[int]
+    selector: dict[str, Any] = {}
+    fired_on: dict[int, list[dict[str, Any]]] = {}  # rank -> the calls it fired at
+    warning: str = ""  # set when the selector can never match (scenario.fault_warnings)
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.fired_on)
 # ---- jobs vdiag did not launch (`vdiag watch`, `vdiag attach`; repro/observe/) -----------------------
 
 FactHow = Literal["observed", "inferred", "computed"]
@@ -440,4 +494,5 @@ class Report(_Rec):
     env: EnvInfo = EnvInfo()
     activity_plot: str = ""
     notes: list[str] = []
+    faults: list[FaultOutcome] = []
     observed: ObservedJob | None = None  # watch/attach: the job vdiag did not launch (no scenario)

@@ -29,17 +29,27 @@ from repro.checking import Outputs
 from repro.launch_math import launch_config
 from repro.launchlog import LaunchLogWriter
 from repro.layout import place, tp_groups
-from repro.scenario import Fault, Scenario, apply_overrides, choose_oneshot
+from repro.scenario import WORKSPACE_MAX_TOKENS, Fault, Scenario, apply_overrides, choose_oneshot
 
-SIM_MAX_TOKENS = 16384  # cap on the sim's workspace rows (memory); larger fused calls are refused
+# Cap on the workspace rows (the sim keeps them in /dev/shm); the scenario refuses larger fused calls up front.
+SIM_MAX_TOKENS = WORKSPACE_MAX_TOKENS
 
 
 class FaultBook:
-    """Matches injected faults against calls; a `once` fault fires on its first matching call only."""
+    """Matches injected faults against calls; a `once` fault fires on its first matching call only.
 
-    def __init__(self, faults: list[Fault], rank: int) -> None:
+    Every firing is written to the launch log (a `fault` record naming the fault by its index in the
+    scenario's `faults:` list), so the report can say which injected faults fired and which never did."""
+
+    def __init__(self, faults: list[Fault], rank: int, log: LaunchLogWriter | None = None) -> None:
         self.mine = [f for f in faults if rank in f.ranks]
+        self.index = [i for i, f in enumerate(faults) if rank in f.ranks]  # each mine's place in `faults:`
         self.fired: set[int] = set()
+        self.log = log
+
+    def _record(self, i: int, **where: Any) -> None:
+        if self.log is not None:
+            self.log.emit("fault", index=self.index[i], kind=self.mine[i].kind, **where)
 
     def hits(self, kind: str, phase: str, size: int, layer: int, sub: int, call: int) -> list[Fault]:
         out = []
@@ -48,11 +58,20 @@ class FaultBook:
                 continue
             if f.at.matches(phase, size, layer, sub, call):
                 self.fired.add(i)
+                self._record(i, phase=phase, size=size, layer=layer, sub=sub, call=call)
                 out.append(f)
         return out
 
+    def fire(self, kind: str) -> bool:
+        """A fault that acts once at workspace creation (workspace_fail, jit_lock): record it, say if any."""
+        mine = [i for i, f in enumerate(self.mine) if f.kind == kind]
+        for i in mine:
+            self.fired.add(i)
+            self._record(i, phase="workspace")
+        return bool(mine)
+
     def workspace_fails(self) -> bool:
-        return any(f.kind == "workspace_fail" for f in self.mine)
+        return self.fire("workspace_fail")
 
 
 def _apply_hook(sc: Scenario, rank: int) -> Scenario:
@@ -132,7 +151,7 @@ def run_rank(run_dir: Path, rank: int) -> int:
     fused_wanted = sc.fusion_enabled()
     max_fused = sc.fusion_max_token_num()
     capture_sizes = sc.capture.ordered()
-    faults = FaultBook(sc.faults, rank)
+    faults = FaultBook(sc.faults, rank, log)
     # Every rank sizes its workspace alike: FlashInfer's max_token_num is vLLM's fusion limit.
     max_tokens = min(max_fused, SIM_MAX_TOKENS)
     backend = _make_backend(sc, rank, tp_group, me.tp_group, max_tokens, gpu_nccl=pg_backend != "gloo")
@@ -146,7 +165,7 @@ def run_rank(run_dir: Path, rank: int) -> int:
     log.emit("phase", phase="workspace")
     ws = WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=me.tp_group)
     if fused_wanted:
-        if any(f.kind == "jit_lock" for f in faults.mine):
+        if faults.fire("jit_lock"):
             # This rank's JIT cache is cold and the module's source sits on a mount that never answers:
             # the real build (repro/jit_build.py) then never finishes, and its lock is never released.
             from repro import jit_build

@@ -6,8 +6,10 @@ import contextlib
 import datetime as dt
 import importlib.util
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +18,8 @@ from typing import Any
 from rich.console import Console
 
 from repro import __version__
-from repro.analysis import analyze
-from repro.errors import EnvironmentProblem, ExitCode, ScenarioError
+from repro.analysis import analyze, fault_outcomes
+from repro.errors import EnvironmentProblem, ExitCode, Interrupted, ScenarioError
 from repro.launch import Launch, NodeSpec, sweep_shm
 from repro.launchlog import read_rank_log
 from repro.layout import place
@@ -35,7 +37,7 @@ from repro.records import (
 )
 from repro.redact import redact_text
 from repro.rundir import RunDir
-from repro.scenario import Scenario, dump_resolved, load_scenario
+from repro.scenario import Scenario, dump_resolved, fault_warnings, load_scenario
 from repro.watchdog import Watchdog
 
 HANG_CLASSES = ("spin-deadlock", "all-spinning", "host-wait", "timeout")
@@ -121,17 +123,22 @@ def resolve_backend(sc: Scenario) -> tuple[Scenario, list[str]]:
 
 
 def _collect(
-    run_dir: RunDir, sc: Scenario, logs: dict[int, RankLog], wd: WatchdogVerdict, opts: RunOptions
+    run_dir: RunDir, sc: Scenario, logs: dict[int, RankLog], wd: WatchdogVerdict, opts: RunOptions,
+    have: dict[int, StackSample] | None = None, have_runs: list[CollectorRun] | None = None,
 ) -> tuple[list[StackSample], list[GpuState], list[CollectorRun], EnvInfo]:
-    """Run the collectors in parallel; a collector that fails is recorded and does not stop the others."""
+    """Run the collectors in parallel; a collector that fails is recorded and does not stop the others.
+
+    `have`: Python-only stacks the watchdog took of idle ranks during the stall (no progress since);
+    they are used as they are, not taken again."""
     from repro.collectors.environment import collect_env
     from repro.collectors.stacks import collect_stacks
 
     pids = {r: lg.hello.pid for r, lg in logs.items() if lg.hello is not None}
     alive = {r: p for r, p in pids.items() if _alive(p)}
-    stacks: list[StackSample] = []
+    have = {r: st for r, st in (have or {}).items() if r in alive and r not in wd.busy_ranks} if wd.is_hang else {}
+    stacks: list[StackSample] = list(have.values())
     gpu: list[GpuState] = []
-    runs: list[CollectorRun] = []
+    runs: list[CollectorRun] = [c for c in (have_runs or []) if c.rank in have] if have else []
     env = EnvInfo()
     scenario_yaml = run_dir.scenario_yaml.read_text()
     jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, scenario_yaml)}
@@ -147,9 +154,11 @@ def _collect(
     if wd.is_hang and alive:
         # Native stacks cost ~0.5 CPU-s per rank: take them where the wait is (busy ranks, or every rank
         # when none is busy), Python-only stacks elsewhere.
-        native = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
-        rest = {r: p for r, p in alive.items() if r not in native}
-        jobs["stacks"] = lambda: collect_stacks(native, run_dir)
+        native = {r: p for r, p in alive.items() if r in wd.busy_ranks} or {
+            r: p for r, p in alive.items() if r not in have}
+        rest = {r: p for r, p in alive.items() if r not in native and r not in have}
+        if native:
+            jobs["stacks"] = lambda: collect_stacks(native, run_dir)
         if rest:
             jobs["stacks-python"] = lambda: collect_stacks(rest, run_dir, native=False)
         from repro.collectors.locks import collect_locks
@@ -191,12 +200,20 @@ def _collect(
         dumped, r = collect_gpu_coredump(targets, run_dir)
         gpu.extend(dumped)
         runs.extend(r)
-        have = {g.rank for g in dumped}
-        fallback = {k: p for k, p in busy.items() if k not in have and _alive(p)}
-        if opts.gpu_state == "auto" and fallback:  # the dump failed but the process lives: attach instead
-            attached, r = collect_gpu_attach(fallback, run_dir)
-            gpu.extend(attached)
-            runs.extend(r)
+        dumped_ranks = {g.rank for g in dumped}
+        if opts.gpu_state == "auto":  # the dump failed but the process lives: attach, where that can work
+            from repro.collectors.coredump import attach_candidates, explain_attach
+
+            left = {k: p for k, p in busy.items() if k not in dumped_ranks}
+            fallback, skipped = attach_candidates(left, run_dir, r)
+            runs.extend(skipped)
+            if fallback:
+                attached, r2 = collect_gpu_attach(fallback, run_dir)
+                gpu.extend(attached)
+                triggered = {c.rank for c in r if c.name == "cuda core dump trigger" and c.rank is not None}
+                ptrace_ok = {s.rank for s in stacks if s.source.startswith("py-spy")}
+                runs.extend(explain_attach(r2, triggered, ptrace_ok))
+    stacks.sort(key=lambda s: s.rank)
     return stacks, gpu, runs, env
 
 
@@ -302,88 +319,107 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     gpu: list[GpuState] = []
     runs: list[CollectorRun] = []
     env = EnvInfo()
-    interrupted = False
+    interrupted = ""  # the signal that stopped the run: SIGINT (Ctrl-C), SIGTERM, SIGHUP
     pids: list[int] = []
     node_info: NodeInfo | None = None  # multi-node only
-    try:
-        launch.start()
-        if opts.node.multi:  # c10d places nodes by host name, not --node-rank: ask the workers
-            if not opts.quiet:
-                console.print(f"vdiag: node {opts.node.node_rank} of {opts.node.nnodes}: waiting for the other "
-                              f"nodes at {opts.node.rdzv_endpoint} (rendezvous id {opts.node.rdzv_id})",
-                              markup=False, highlight=False)
-            local_ranks = discover_local_ranks(run_dir, launch)
-            node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name)
-        title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
-        with LiveView(console, sc.parallel.tp, sc.parallel.pp, title) as view:
-            dog = Watchdog(run_dir, launch, world, sc.watchdog, observers=[view] if opts.live else [],
-                           use_gpu=sc.backend != "sim", ranks=local_ranks)
-            try:
+    warnings = fault_warnings(sc, str(path))
+    for w in warnings:
+        if not opts.quiet:
+            console.print(w, markup=False, highlight=False, soft_wrap=True)
+    notes.extend(w.split(": warning: ", 1)[-1] for w in warnings)
+    dog: Watchdog | None = None
+    with stop_signals() as guard:
+        try:
+            launch.start()
+            if opts.node.multi:  # c10d places nodes by host name, not --node-rank: ask the workers
+                if not opts.quiet:
+                    console.print(f"vdiag: node {opts.node.node_rank} of {opts.node.nnodes}: waiting for the other "
+                                  f"nodes at {opts.node.rdzv_endpoint} (rendezvous id {opts.node.rdzv_id})",
+                                  markup=False, highlight=False)
+                local_ranks = discover_local_ranks(run_dir, launch)
+                node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name)
+            title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
+            with LiveView(console, sc.parallel.tp, sc.parallel.pp, title) as view:
+                dog = Watchdog(run_dir, launch, world, sc.watchdog, observers=[view] if opts.live else [],
+                               use_gpu=sc.backend != "sim", ranks=local_ranks)
                 wd_verdict = dog.watch()
-            except KeyboardInterrupt:
-                interrupted = True
-                wd_verdict = dog._verdict("timeout", time.time(), None, dog.stall_threshold(), 0,
-                                          since=time.monotonic() - 5, note="interrupted by the user (Ctrl-C)")
-        logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
-        pids = [lg.hello.pid for lg in logs.values() if lg.hello is not None]
-        if not interrupted:
-            stacks, gpu, runs, env = _collect(run_dir, sc, logs, wd_verdict, opts)
+            logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
+            pids = [lg.hello.pid for lg in logs.values() if lg.hello is not None]
+            stacks, gpu, runs, env = _collect(run_dir, sc, logs, wd_verdict, opts, have=dog.probe_stacks,
+                                              have_runs=dog.probe_runs)
             if node_info is not None:
                 node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name, collected=True)
                 linger_for_other_nodes(launch, wd_verdict, node_info, opts.reports_dir)
-    finally:
-        launch.teardown(extra_pids=pids)
-    assert wd_verdict is not None
-    logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
-    tp, pp = sc.parallel.tp, sc.parallel.pp
-    from repro.collectors.locks import load_locks
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP (stop_signals): keep what was collected
+            interrupted = e.signame if isinstance(e, Interrupted) else "SIGINT"
+        finally:
+            guard.defer()  # a second signal now waits until the processes are gone and the report is written
+            if not pids:
+                pids = [lg.hello.pid for r in local_ranks
+                        if (lg := read_rank_log(run_dir.launch_log(r), r)).hello is not None]
+            launch.teardown(extra_pids=pids)
+        interrupted = interrupted or guard.pending
+        if interrupted and not stacks and dog is not None:  # stopped while collecting: keep the stall's stacks
+            stacks = sorted(dog.probe_stacks.values(), key=lambda st: st.rank)
+            runs = [*dog.probe_runs, *runs]
+        if wd_verdict is None:
+            wd_verdict = interrupted_verdict(run_dir, dog, interrupted or "SIGINT")
+        elif interrupted:  # stopped after the verdict, while collecting: the verdict stands
+            wd_verdict = wd_verdict.model_copy(update={"interrupted_by": interrupted})
+        logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
+        tp, pp = sc.parallel.tp, sc.parallel.pp
+        from repro.collectors.locks import load_locks
 
-    locks = load_locks(run_dir.root)
-    analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
-                       pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc, locks=locks)
-    from repro.cupti_trace import cupti_findings
+        locks = load_locks(run_dir.root)
+        analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
+                           pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc, locks=locks)
+        from repro.cupti_trace import cupti_findings
 
-    cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs, hang=wd_verdict.is_hang)
-    if cupti_checks:  # launches the driver saw, against the computed launch configurations
-        analysis = analysis.model_copy(update={"grid_checks": [*analysis.grid_checks, *cupti_checks]})
-    notes.extend(cupti_notes)
-    notes.extend(gpu_state_notes(gpu, runs))
-    if sc.engine == "vllm":  # vLLM's version, commit and resolved config, from the workers
-        from repro import engine_vllm
+        cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs, hang=wd_verdict.is_hang)
+        if cupti_checks:  # launches the driver saw, against the computed launch configurations
+            analysis = analysis.model_copy(update={"grid_checks": [*analysis.grid_checks, *cupti_checks]})
+        notes.extend(cupti_notes)
+        notes.extend(gpu_state_notes(gpu, runs))
+        if sc.engine == "vllm":  # vLLM's version, commit and resolved config, from the workers
+            from repro import engine_vllm
 
-        vllm_notes, vllm_versions = engine_vllm.report_facts(run_dir.root)
-        notes.extend(vllm_notes)
-        env = env.model_copy(update={"versions": {**env.versions, **vllm_versions}})
-    any_wrong = bool(analysis.corruption)
-    code = exit_code_for(wd_verdict, any_wrong)
+            vllm_notes, vllm_versions = engine_vllm.report_facts(run_dir.root)
+            notes.extend(vllm_notes)
+            env = env.model_copy(update={"versions": {**env.versions, **vllm_versions}})
+        any_wrong = bool(analysis.corruption)
+        code = exit_code_for(wd_verdict, any_wrong)
+        if interrupted:
+            code = Interrupted(interrupted).exit_code
+            notes.append(f"the run was interrupted by {Interrupted(interrupted).how}; every process and shared-memory "
+                         "segment was cleaned up and the report holds what was collected until then")
+        placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
+        if sc.backend != "sim":
+            from repro.backends.gpu_reference import placement_text
+
+            placement = placement_text({r: (lg.hello.device, None) for r, lg in logs.items() if lg.hello},
+                                       sc.backend, sc.fusion.workspace_group, sc.fusion_enabled())
+        if node_info is not None:
+            from repro.merge import node_note
+
+            notes.append(node_note(node_info))
+        report = Report(
+            vdiag_version=__version__, scenario_name=sc.name, scenario_file=str(path),
+            scenario_yaml=run_dir.scenario_yaml.read_text(), run_dir=str(run_dir.root),
+            started=started.isoformat(timespec="seconds"), duration_s=round(time.monotonic() - t0, 2),
+            backend=sc.backend, engine=sc.engine, world_size=world, tp=tp, pp=pp,
+            fusion_enabled=sc.fusion_enabled(), payload_width=sc.payload_width(), hidden=sc.model.hidden_size,
+            exit_code=int(code), expect=sc.expect, placement=placement,
+            ranks=summarize_ranks(logs, wd_verdict, tp, pp), watchdog=wd_verdict, analysis=analysis,
+            stacks=stacks, gpu=gpu, locks=locks, collectors=runs, env=env, notes=notes,
+            faults=fault_outcomes(sc, logs, warnings),
+        )
+        report = write_report(run_dir, report)
+        if not opts.quiet:
+            from repro.report.terminal import render_terminal
+
+            render_terminal(report, console)
     if interrupted:
-        notes.append("the run was interrupted (Ctrl-C); the report holds what was collected until then")
-    placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
-    if sc.backend != "sim":
-        from repro.backends.gpu_reference import placement_text
-
-        placement = placement_text({r: (lg.hello.device, None) for r, lg in logs.items() if lg.hello},
-                                   sc.backend, sc.fusion.workspace_group, sc.fusion_enabled())
-    if node_info is not None:
-        from repro.merge import node_note
-
-        notes.append(node_note(node_info))
-    report = Report(
-        vdiag_version=__version__, scenario_name=sc.name, scenario_file=str(path),
-        scenario_yaml=run_dir.scenario_yaml.read_text(), run_dir=str(run_dir.root),
-        started=started.isoformat(timespec="seconds"), duration_s=round(time.monotonic() - t0, 2),
-        backend=sc.backend, engine=sc.engine, world_size=world, tp=tp, pp=pp, fusion_enabled=sc.fusion_enabled(),
-        payload_width=sc.payload_width(), hidden=sc.model.hidden_size, exit_code=int(code), expect=sc.expect,
-        placement=placement, ranks=summarize_ranks(logs, wd_verdict, tp, pp), watchdog=wd_verdict,
-        analysis=analysis, stacks=stacks, gpu=gpu, locks=locks, collectors=runs, env=env, notes=notes,
-    )
-    report = write_report(run_dir, report)
-    if not opts.quiet:
-        from repro.report.terminal import render_terminal
-
-        render_terminal(report, console)
-    if interrupted:
-        raise KeyboardInterrupt
+        raise Interrupted(interrupted)
     outcome = RunOutcome(report=report, run_dir=run_dir, exit_code=int(code))
     if node_info is not None and node_info.node_rank == 0 and opts.merge_wait_s > 0:
         from repro.merge import auto_merge
@@ -391,6 +427,110 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         outcome.merged_dir, outcome.merge_message = auto_merge(run_dir, node_info, opts.reports_dir,
                                                                opts.merge_wait_s)
     return outcome
+
+
+# ---- signals: SIGTERM and SIGHUP stop a run as Ctrl-C does --------------------------------------------
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class SignalGuard:
+    """Turns SIGINT, SIGTERM and SIGHUP into `Interrupted` while armed; once deferred (cleaning up,
+    writing the report), a signal is remembered in `pending` instead, so the report is never lost."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.pending = ""
+
+    def handler(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.armed:
+            self.armed = False
+            raise Interrupted(name)
+        self.pending = self.pending or name
+
+    def defer(self) -> None:
+        self.armed = False
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[SignalGuard]:
+    guard = SignalGuard()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        guard.armed = False
+        yield guard
+        return
+    old = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, guard.handler)
+    try:
+        yield guard
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def interrupted_verdict(run_dir: RunDir, dog: Watchdog | None, by: str) -> WatchdogVerdict:
+    """The watchdog's record of a run stopped before its verdict (what each rank had done, by whom)."""
+    if dog is not None:
+        return dog._verdict("interrupted", dog.started_wall or time.time(), dog.last_progress_wall,
+                            dog.stall_threshold(), 0, since=time.monotonic() - 5,
+                            note=f"interrupted by {by} before a verdict", interrupted_by=by)
+    now = time.time()
+    v = WatchdogVerdict(cls="interrupted", stall_s=0.0, started_t=now, last_progress_t=None, verdict_t=now,
+                        note=f"interrupted by {by} before the watchdog started", interrupted_by=by)
+    run_dir.watchdog_json.write_text(v.model_dump_json(indent=2))
+    return v
+
+
+def rebuild_report(run_dir: RunDir) -> Report:
+    """A report from a run folder's records alone, for a run that wrote none (vdiag was killed: SIGKILL,
+    an out-of-memory kill): scenario, launch logs, the watchdog's verdict if it had one, the stacks taken."""
+    from repro.collectors.stacks import parse_pyspy
+
+    try:
+        sc = Scenario.model_validate_json(run_dir.scenario_json.read_text())
+    except (OSError, ValueError):
+        raise ScenarioError(f"{run_dir.root}: no report.json and no readable scenario.json; give a folder that "
+                            "`vdiag run` created") from None
+    ranks = run_dir.ranks() or list(range(sc.world_size))
+    logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in ranks}
+    wd: WatchdogVerdict | None = None
+    with contextlib.suppress(OSError, ValueError):
+        wd = WatchdogVerdict.model_validate_json(run_dir.watchdog_json.read_text())
+    notes = ["rebuilt by `vdiag report` from the run folder's records: vdiag ended without writing a report "
+             "(killed by a signal it cannot catch, such as SIGKILL, or it died)"]
+    if wd is None:
+        times = [e.t for lg in logs.values() for e in lg.launches] + [e.t for lg in logs.values() for e in lg.results]
+        first = [lg.hello.t for lg in logs.values() if lg.hello is not None]
+        wd = WatchdogVerdict(cls="interrupted", stall_s=0.0, started_t=min(first or [0.0]),
+                             last_progress_t=max(times) if times else None, verdict_t=max(times or [0.0]),
+                             note="no verdict was reached", interrupted_by="killed")
+    stacks: list[StackSample] = []
+    for r, lg in logs.items():
+        f = run_dir.stack_file(r)
+        if f.exists() and lg.hello is not None:
+            with contextlib.suppress(Exception):
+                stacks.append(StackSample(rank=r, pid=lg.hello.pid, source="py-spy",
+                                          threads=parse_pyspy(f.read_text(errors="replace"))))
+    tp, pp = sc.parallel.tp, sc.parallel.pp
+    analysis = analyze(logs, wd, stacks, [], tp=tp, pp=pp, fused=sc.fusion_enabled(), pattern=sc.fusion.pattern,
+                       fp32_acc=sc.fusion.fp32_acc)
+    code = ExitCode.KILLED if wd.cls == "interrupted" else exit_code_for(wd, bool(analysis.corruption))
+    started = dt.datetime.fromtimestamp(wd.started_t, dt.timezone.utc) if wd.started_t else None
+    warnings = fault_warnings(sc, sc.name)
+    return Report(
+        vdiag_version=__version__, scenario_name=sc.name, scenario_file="",
+        scenario_yaml=run_dir.scenario_yaml.read_text() if run_dir.scenario_yaml.exists() else "",
+        run_dir=str(run_dir.root), started=started.isoformat(timespec="seconds") if started else "",
+        duration_s=round(max(0.0, wd.verdict_t - wd.started_t), 2), backend=sc.backend, engine=sc.engine,
+        world_size=sc.world_size, tp=tp, pp=pp, fusion_enabled=sc.fusion_enabled(),
+        payload_width=sc.payload_width(), hidden=sc.model.hidden_size, exit_code=int(code), expect=sc.expect,
+        ranks=summarize_ranks(logs, wd, tp, pp), watchdog=wd, analysis=analysis, stacks=stacks,
+        notes=notes + [w.split(": warning: ", 1)[-1] for w in warnings], faults=fault_outcomes(sc, logs, warnings),
+    )
 
 
 def write_report(run_dir: RunDir, report: Report) -> Report:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -240,6 +240,9 @@ class Watchdog(_Strict):
     sample_interval_s: Annotated[float, Field(gt=0)] = 0.2
     max_run_s: Annotated[float, Field(gt=0)] = 900.0
     busy_cpu_pct: Annotated[float, Field(gt=0, le=100)] = 20.0
+    # How long to keep watching a suspected stall whose idle ranks are outside every known wait (a
+    # straggler busy on the host: a JIT build, torch.compile, a slow file system) before calling it a hang.
+    patience_s: Annotated[float, Field(ge=0)] = 60.0
 
 
 class Sim(_Strict):
@@ -274,6 +277,16 @@ class Scenario(_Strict):
                     )
         if self.capture.sizes != "default" and not self.capture.sizes:
             raise ValueError("capture.sizes: empty; give at least one size or 'default'")
+        too_big = self.largest_fused_call()
+        if too_big > WORKSPACE_MAX_TOKENS:
+            field = ("fusion.max_token_num" if self.fusion.max_token_num is not None
+                     else "capture.max_num_batched_tokens")
+            raise ValueError(
+                f"{field}: a fused call of {too_big} tokens (fusion limit {self.fusion_max_token_num()}) is larger "
+                f"than the {WORKSPACE_MAX_TOKENS} tokens vdiag's workspace holds; set fusion.max_token_num to at "
+                f"most {WORKSPACE_MAX_TOKENS} (larger calls then take the unfused path, as in vLLM) or keep "
+                f"capture.max_num_batched_tokens and capture.sizes at most {WORKSPACE_MAX_TOKENS}"
+            )
         return self
 
     # ---- derived facts -------------------------------------------------------------------------
@@ -302,6 +315,33 @@ class Scenario(_Strict):
         mb = FI_ALLREDUCE_FUSION_MAX_SIZE_MB.get(self.device.sm_version, {}).get(self.parallel.tp, 64)
         return max(1, int(mb * MIB) // (self.model.hidden_size * self.model.elem_bytes))
 
+    def phase_sizes(self) -> dict[str, list[int]]:
+        """The token counts each phase runs, as the replay runs them."""
+        order = self.capture.ordered()
+        return {"profile": [self.capture.max_num_batched_tokens], "warmup": order[:1], "capture": order}
+
+    def call_plan(self) -> Iterator[tuple[str, int, int, int, int]]:
+        """Every call of the replay in order, as (phase, size, layer, sub, call) (repro/replay.py's loop)."""
+        call = 0
+        steps = [("profile", self.capture.max_num_batched_tokens), ("warmup", self.capture.ordered()[0])]
+        for size in self.capture.ordered():
+            steps += [("capture", size)] * (self.capture.warmup_steps + 1)
+        for phase, size in steps:
+            for layer in range(self.model.num_layers):
+                for sub in (0, 1):
+                    yield phase, size, layer, sub, call
+                    call += 1
+
+    def largest_fused_call(self) -> int:
+        """The most tokens one fused call will carry (0 when fusion is off): sizes up to the fusion limit,
+        plus a token-divergence fault's extra tokens."""
+        if not self.fusion_enabled():
+            return 0
+        limit = self.fusion_max_token_num()
+        extra = max([f.tokens for f in self.faults if f.kind == "token_divergence"] + [0])
+        sizes = {s for ss in self.phase_sizes().values() for s in ss}
+        return max([t for s in sizes for t in (s, s + extra) if t <= limit] + [0])
+
     def payload_width(self) -> int:
         """Elements per token the sim carries (docs/mechanisms.md, "Payload scaling": the protocols do not depend on row width)."""
         w = self.sim.payload_width
@@ -314,6 +354,57 @@ class Scenario(_Strict):
 
 
 MIB = 1024 * 1024
+# The most tokens the workspace vdiag creates holds, on every backend (the sim keeps it in /dev/shm).
+WORKSPACE_MAX_TOKENS = 16384
+
+FUSED_ONLY_KINDS = ("protocol_mismatch", "workspace_fail", "jit_lock")
+SELECTOR_FREE_KINDS = ("workspace_fail", "jit_lock")  # act at workspace creation, whatever `at:` says
+
+
+def fault_warnings(sc: Scenario, path: str = "<scenario>") -> list[str]:
+    """One line for each injected fault that can never fire in this scenario, naming the field."""
+    out = []
+    plan = list(sc.call_plan()) if sc.faults else []
+    n_calls = len(plan)
+    sizes = sc.phase_sizes()
+    limit = sc.fusion_max_token_num()
+    for i, f in enumerate(sc.faults):
+        where = f"{path}: warning: faults[{i}]"
+        if f.kind in FUSED_ONLY_KINDS and not sc.fusion_enabled():
+            out.append(f"{where}.kind: {f.kind} acts on the fused all-reduce, which this scenario does not run "
+                       "(fusion off or gated); the fault never fires")
+            continue
+        if f.kind in SELECTOR_FREE_KINDS:
+            continue
+        at = f.at
+        why = ""
+        if at.phase == "workspace":
+            why = "at.phase: workspace has no all-reduce calls; use profile, warmup or capture"
+        elif at.layer is not None and at.layer >= sc.model.num_layers:
+            why = f"at.layer: {at.layer}, but model.num_layers is {sc.model.num_layers} (layers 0..{sc.model.num_layers - 1})"
+        elif at.call is not None and at.call >= n_calls:
+            why = f"at.call: {at.call}, but the replay makes {n_calls} calls (0..{n_calls - 1})"
+        elif at.size is not None and at.size not in {s for ss in sizes.values() for s in ss}:
+            why = f"at.size: {at.size} is not a size any phase runs (capture sizes {_short(sizes['capture'])}, " \
+                  f"profile {sizes['profile'][0]})"
+        elif at.size is not None and at.phase is not None and at.size not in sizes[at.phase]:
+            why = f"at.size: {at.size} is not a size phase {at.phase} runs ({_short(sizes[at.phase])})"
+        else:
+            hits = [c for c in plan if at.matches(*c)]
+            if not hits:
+                why = "at: no call matches every field given together (" + ", ".join(
+                    f"{k}={v}" for k, v in at.model_dump().items() if v is not None) + ")"
+            elif f.kind == "protocol_mismatch" and all(c[1] > limit for c in hits):
+                why = (f"at: every matching call has more tokens than the fusion limit {limit}, so it takes the "
+                       "unfused path and has no protocol to switch")
+        if why:
+            out.append(f"{where}.{why}; the fault never fires")
+    return out
+
+
+def _short(sizes: Sequence[int]) -> str:
+    return ", ".join(map(str, sizes)) if len(sizes) <= 8 else ", ".join(map(str, sizes[:6])) + f", ... ({len(sizes)})"
+
 
 # vLLM's tables (vllm/compilation/passes/fusion/allreduce_rms_fusion.py): inputs above the first use the
 # unfused path; inputs up to the second use one-shot.
@@ -487,7 +578,12 @@ def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ScenarioError(f"{p}: --set: {_loc_text(err['loc'])}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = _loc_text(err["loc"])
+        m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
+        if m and not err["loc"]:  # a cross-field check names its own field
+            where, msg = m.group(1), m.group(2)
+        raise ScenarioError(f"{p}: --set: {where}: {msg}") from None
 
 
 def dump_resolved(sc: Scenario) -> str:

@@ -3,6 +3,11 @@
 Progress is any new event in a rank's launch log. A stall is suspected when no rank has progressed for
 `stall_s` (by default a multiple of the slowest call seen so far, floored at about 2 s) and confirmed
 if nothing moves for a further confirmation window; progress in between makes the run `slow`, not hung.
+When the stall is suspected, the ranks that look idle get a cheap Python-only stack (py-spy, no native
+frames); an idle rank outside every known wait (not in a collective, a lock, a barrier, a synchronisation
+or a spin-wait) is a straggler busy on the host, so the watchdog keeps watching for `patience_s` before it
+calls a hang, and the run is `slow` if the straggler resumes. These stacks are handed on to the collectors,
+which do not take them again.
 Activity (CPU time per rank through psutil; GPU utilisation per device through NVML where there is one)
 is averaged over the confirmation window to split the ranks into busy and idle.
 """
@@ -15,6 +20,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +28,7 @@ import psutil
 
 from repro.launch import Launch
 from repro.launchlog import LogTail
-from repro.records import ActivitySample, RankExit, WatchdogVerdict
+from repro.records import ActivitySample, CollectorRun, RankExit, StackSample, Straggler, WatchdogVerdict
 from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Watchdog as WatchdogConfig
@@ -72,6 +78,8 @@ class Snapshot:
 
 
 Observer = Callable[[Snapshot], None]
+# Takes stacks of {rank: pid}; the default is a Python-only py-spy dump (repro/collectors/stacks.py).
+StackProbe = Callable[[dict[int, int]], tuple[list[StackSample], list[CollectorRun]]]
 
 
 class GpuSampler:
@@ -115,6 +123,7 @@ class Watchdog:
         observers: list[Observer] | None = None,
         use_gpu: bool = False,
         ranks: list[int] | None = None,
+        probe: StackProbe | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.launch = launch
@@ -127,6 +136,19 @@ class Watchdog:
         self.slowest_call = 0.0
         self.gpu = GpuSampler() if use_gpu else None
         self._activity = open(run_dir.activity, "a")  # noqa: SIM115
+        self._probe_fn = probe or self._pyspy_probe
+        self._probe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdiag-probe")
+        # Stacks of the idle ranks taken during the last stall (no progress since): the collectors reuse them.
+        self.probe_stacks: dict[int, StackSample] = {}
+        self.probe_runs: list[CollectorRun] = []
+        self.resumed: list[Straggler] = []  # stragglers that resumed (a slow run), with how long they stalled
+        self.started_wall: float | None = None
+        self.last_progress_wall: float | None = None
+
+    def _pyspy_probe(self, pids: dict[int, int]) -> tuple[list[StackSample], list[CollectorRun]]:
+        from repro.collectors.stacks import collect_stacks
+
+        return collect_stacks(pids, self.run_dir, native=False, timeout=5.0)
 
     # ---- reading the logs -------------------------------------------------------------------------
     def _ingest(self, now: float) -> bool:
@@ -222,9 +244,13 @@ class Watchdog:
     def watch(self) -> WatchdogVerdict:
         start_mono = time.monotonic()
         start_wall = time.time()
+        self.started_wall = start_wall
         last_progress = start_mono
         last_progress_wall: float | None = None
         suspected_at: float | None = None
+        patience_until: float | None = None
+        probe: Future[None] | None = None
+        stragglers: list[Straggler] = []
         slow_resumed = 0
         try:
             while True:
@@ -232,11 +258,16 @@ class Watchdog:
                 now = time.monotonic()
                 wall = time.time()
                 if self._ingest(now):
-                    last_progress = now
-                    last_progress_wall = wall
                     if suspected_at is not None:
                         slow_resumed += 1
-                        suspected_at = None
+                        self.resumed.extend(st.model_copy(update={"idle_s": round(now - last_progress, 1)})
+                                            for st in stragglers)
+                        suspected_at = patience_until = None
+                        stragglers = []
+                        self._drop_probe(probe)
+                        probe = None
+                    last_progress = now
+                    last_progress_wall = self.last_progress_wall = wall
                 self._sample(now, wall)
                 thr = self.stall_threshold()
                 idle_for = now - last_progress
@@ -254,7 +285,8 @@ class Watchdog:
                     continue
                 if now - start_mono > self.cfg.max_run_s:
                     return self._verdict("timeout", start_wall, last_progress_wall, thr, slow_resumed,
-                                         since=now - 5, note=f"the run exceeded max_run_s={self.cfg.max_run_s:g}")
+                                         since=now - 5, note=f"the run exceeded max_run_s={self.cfg.max_run_s:g}",
+                                         stragglers=stragglers)
                 if all(st.done for st in self.ranks.values()):
                     # every rank finished its start-up; only torchrun's exit is pending
                     suspected_at = None
@@ -265,17 +297,80 @@ class Watchdog:
                     continue
                 if idle_for >= thr and suspected_at is None:
                     suspected_at = now
+                    # Python-only stacks of the ranks that look idle now, taken while the window confirms
+                    probe = self._probe_pool.submit(self._probe, self._idle_now(now - 1.0))
                 confirm = min(thr, 2.5)
-                if suspected_at is not None and now - suspected_at >= confirm:
-                    return self._classify(start_wall, last_progress_wall, thr, slow_resumed, since=suspected_at)
+                if suspected_at is None or now - suspected_at < confirm:
+                    continue
+                if patience_until is None:
+                    _busy, idle, _fin = self._split(suspected_at)
+                    self._finish_probe(probe, idle)
+                    probe = None
+                    stragglers = self._stragglers(idle, now)
+                    if stragglers and self.cfg.patience_s > 0:
+                        patience_until = now + self.cfg.patience_s  # a straggler on the host: keep watching
+                        continue
+                    return self._classify(start_wall, last_progress_wall, thr, slow_resumed, since=suspected_at,
+                                          stragglers=stragglers)
+                if now >= patience_until:
+                    # it never resumed: where is every idle rank now?
+                    since = now - confirm
+                    _busy, idle, _fin = self._split(since)
+                    self.probe_stacks, self.probe_runs = {}, []
+                    self._finish_probe(None, idle)
+                    stragglers = self._stragglers(idle, now)
+                    return self._classify(start_wall, last_progress_wall, thr, slow_resumed, since=since,
+                                          stragglers=stragglers)
         finally:
+            self._probe_pool.shutdown(wait=True)
             self._activity.close()
             if self.gpu is not None:
                 self.gpu.close()
 
-    def _classify(
-        self, start: float, last_wall: float | None, thr: float, slow: int, since: float
-    ) -> WatchdogVerdict:
+    # ---- stragglers ------------------------------------------------------------------------------------
+    def _idle_now(self, since: float) -> dict[int, int]:
+        return {st.rank: st.pid for st in self.ranks.values()
+                if st.pid and not st.done and self._window_mean(st, since) < self.cfg.busy_cpu_pct}
+
+    def _probe(self, pids: dict[int, int]) -> None:
+        if not pids:
+            return
+        try:
+            samples, runs = self._probe_fn(pids)
+        except Exception as e:  # a probe that fails leaves the rank without a stack; the verdict goes on
+            runs, samples = [CollectorRun(name="py-spy (stall probe)", ok=False, seconds=0.0, error=repr(e))], []
+        self.probe_stacks.update({s.rank: s for s in samples})
+        self.probe_runs.extend(runs)
+
+    def _drop_probe(self, probe: Future[None] | None) -> None:
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                probe.result()
+        self.probe_stacks = {}
+        self.probe_runs = []
+
+    def _finish_probe(self, probe: Future[None] | None, idle: list[int]) -> None:
+        """Wait for the probe started at suspicion; take the idle ranks it missed now."""
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                probe.result()
+        missing = {r: self.ranks[r].pid for r in idle if r not in self.probe_stacks and self.ranks[r].pid}
+        self._probe({r: p for r, p in missing.items() if p is not None})
+
+    def _stragglers(self, idle: list[int], now: float) -> list[Straggler]:
+        from repro.analysis import host_frames, known_wait
+
+        out = []
+        for r in idle:
+            sample = self.probe_stacks.get(r)
+            if sample is None or known_wait(sample):
+                continue  # no stack: nothing to say it is a straggler; in a known wait: part of the stall
+            out.append(Straggler(rank=r, where=host_frames(sample), source=sample.source,
+                                 idle_s=round(now - self.ranks[r].last_event_mono, 1)))
+        return out
+
+    def _split(self, since: float) -> tuple[list[int], list[int], list[int]]:
+        """Busy, idle and finished ranks, by mean activity since `since`."""
         busy, idle, finished = [], [], []
         for st in self.ranks.values():
             if st.done:
@@ -287,6 +382,13 @@ class Watchdog:
                 busy.append(st.rank)
             else:
                 idle.append(st.rank)
+        return busy, idle, finished
+
+    def _classify(
+        self, start: float, last_wall: float | None, thr: float, slow: int, since: float,
+        stragglers: list[Straggler] | None = None,
+    ) -> WatchdogVerdict:
+        busy, idle, finished = self._split(since)
         live = [r for r in self.ranks if r not in finished]
         if busy and len(busy) == len(live):
             cls = "all-spinning"
@@ -295,12 +397,13 @@ class Watchdog:
         else:
             cls = "host-wait"
         return self._verdict(cls, start, last_wall, thr, slow, since, busy=busy, idle=idle + finished,
-                             finished=finished)
+                             finished=finished, stragglers=stragglers)
 
     def _verdict(
         self, cls: str, start: float, last_wall: float | None, thr: float, slow: int, since: float,
         busy: list[int] | None = None, idle: list[int] | None = None, finished: list[int] | None = None,
-        crashed: list[RankExit] | None = None, note: str = "",
+        crashed: list[RankExit] | None = None, note: str = "", stragglers: list[Straggler] | None = None,
+        interrupted_by: str = "",
     ) -> WatchdogVerdict:
         v = WatchdogVerdict(
             cls=cls,  # type: ignore[arg-type,unused-ignore]
@@ -316,6 +419,9 @@ class Watchdog:
             crashed=crashed or [],
             slow_resumed=slow,
             note=note,
+            stragglers=(stragglers or []) if cls != "slow" and cls != "clean" else self.resumed,
+            patience_s=self.cfg.patience_s,
+            interrupted_by=interrupted_by,
         )
         self.run_dir.watchdog_json.write_text(v.model_dump_json(indent=2))
         return v
@@ -351,6 +457,40 @@ def _tail(path: Any, n: int = 15) -> list[str]:
     return [redact_text(ln) for ln in keep[-n:]]
 
 
+# The lines that name a real error, most telling first: a CUDA error, Python's fatal error, an exception.
+_ERROR_PATTERNS = (
+    re.compile(r"CUDA error: .*|CUDA_ERROR_\w+.*|cudaError\w*.*|an illegal memory access was encountered.*"),
+    re.compile(r"Fatal Python error: .*"),
+    re.compile(r"^(?:[\w.]+\.)?(?:[A-Z]\w*(?:Error|Exception|Interrupt|Exit)|AssertionError)(?:: .*)?$"),
+)
+
+
+def error_line(lines: list[str]) -> str:
+    """The first line of the real error in a rank's stderr: the first CUDA error, else the first Python
+    fatal error, else the exception that ended the first traceback (the line after its frames), else ""."""
+    lines = [re.sub(r"^\[(?:rank|default)\d+\]:\s?", "", ln) for ln in lines]
+    for pat in _ERROR_PATTERNS[:2]:
+        for ln in lines:
+            if not ln.startswith((" ", "\t")) and pat.search(ln):  # indented: a traceback's source line
+                return ln.strip()
+    in_tb = False
+    for ln in lines:
+        if ln.startswith("Traceback (most recent call last)"):
+            in_tb = True
+        elif in_tb and ln.strip() and not ln.startswith((" ", "\t")):
+            if _ERROR_PATTERNS[2].match(ln.strip()):
+                return ln.strip()
+            in_tb = False
+    return next((ln.strip() for ln in lines if _ERROR_PATTERNS[2].match(ln.strip())), "")
+
+
+def _read_lines(path: Any) -> list[str]:
+    try:
+        return [redact_text(ln) for ln in path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return []
+
+
 def crashed_ranks(run_dir: RunDir, ranks: dict[int, RankState], rc: int) -> list[RankExit]:
     """Which ranks died, with exit code or signal, from torchrun's failure summary and the logs."""
     found: dict[int, int] = {}
@@ -380,7 +520,8 @@ def crashed_ranks(run_dir: RunDir, ranks: dict[int, RankState], rc: int) -> list
     # The root cause first: a rank that exited by itself before one that torchrun terminated.
     for r, code in sorted(found.items(), key=lambda kv: (kv[0] != root, kv[1] == -15, kv[0])):
         out.append(RankExit(rank=r, returncode=code, signal=_signal_name(code),
-                            stderr_tail=_tail(run_dir.stderr_log(r)) if r >= 0 else []))
+                            stderr_tail=_tail(run_dir.stderr_log(r)) if r >= 0 else [],
+                            error_line=error_line(_read_lines(run_dir.stderr_log(r))) if r >= 0 else ""))
     return out
 
 

@@ -10,6 +10,13 @@ torchrun stops the whole job when one worker dies; a rank whose dump is still be
 killed half-way. So the torchrun agents above the dumped workers are paused (SIGSTOP) for the duration
 and resumed afterwards; the run's teardown ends them anyway.
 
+A finished dump ends its process, and its peers' kernels map that process's buffers: a rank triggered
+after a peer's dump has finished may never dump. So every rank's trigger waits until the driver has the
+rank's pipe open for reading, and then all of them are written at the same moment (a barrier). A rank
+whose dump was started (its trigger read, its core file begun) is not handed to cuda-gdb afterwards:
+on the H200 such processes refused cuda-gdb's ptrace although vdiag ran as root, so the advice says
+that rather than asking for SYS_PTRACE (`attach_candidates`, `explain_attach`).
+
 Measured on the lent H100 (docs/gpu-validation.md): see AUTO_GPU_STATE for what `--gpu-state auto` takes.
 """
 
@@ -18,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,17 +98,70 @@ def _wait_dump(pid: int, core: Path, timeout: float) -> bool:
     return False
 
 
-def _dump_one(rank: int, pid: int, run_dir: RunDir, timeout: float) -> tuple[GpuState | None, list[CollectorRun]]:
+def pipe_reader_ready(pipe: Path, pid: int, timeout: float) -> str:
+    """Wait until the driver has created `pipe` and process `pid` holds it open (its reader is ready):
+    "" when ready, else why not. Looks at /proc/<pid>/fd and never opens the pipe, so it cannot disturb
+    the driver; where /proc cannot be read, an existing FIFO counts as ready."""
+    deadline = time.monotonic() + timeout
+    target = str(pipe.resolve()) if pipe.exists() else str(pipe)
+    while True:
+        if not _alive(pid):
+            return "the process had exited before its dump was triggered"
+        try:
+            if stat.S_ISFIFO(pipe.stat().st_mode):
+                target = str(pipe.resolve())
+                try:
+                    fds = os.listdir(f"/proc/{pid}/fd")
+                except OSError:
+                    return ""
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                            return ""
+            else:
+                return f"{pipe} is not a named pipe"
+        except FileNotFoundError:
+            pass
+        if time.monotonic() >= deadline:
+            return f"the driver had not opened {target} for reading after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def _dump_one(
+    rank: int, pid: int, run_dir: RunDir, timeout: float, start: threading.Barrier | None = None,
+    ready_timeout: float = 5.0,
+) -> tuple[GpuState | None, list[CollectorRun]]:
     t0 = time.monotonic()
     runs: list[CollectorRun] = []
+    pipe = coredump_pipe(run_dir, pid)
+    not_ready = pipe_reader_ready(pipe, pid, ready_timeout)
+    if start is not None:  # every rank's trigger at the same moment, once every reader is ready
+        with contextlib.suppress(threading.BrokenBarrierError):
+            start.wait(timeout=ready_timeout + 1.0)
+    if not_ready and not pipe.exists():
+        runs.append(CollectorRun(name="cuda core dump trigger", rank=rank, ok=False,
+                                 seconds=round(time.monotonic() - t0, 3), error=f"no coredump pipe at {pipe}",
+                                 advice="start the workers with coredump_env() in their environment",
+                                 artifact=str(pipe)))
+        return None, runs
     # The driver closes the pipe within 1-3 s once it starts a dump (H100 measurements); past 10 s it will not.
-    trig = trigger_core_dump(coredump_pipe(run_dir, pid), timeout=min(timeout, 10.0), rank=rank)
+    trig = trigger_core_dump(pipe, timeout=min(timeout, 10.0), rank=rank)
     runs.append(trig)
     if not trig.ok:
+        core = coredump_file(run_dir, pid)
+        size = core.stat().st_size if core.exists() else 0
         if not _alive(pid):
             trig = trig.model_copy(update={"error": trig.error + "; the process died meanwhile (a peer's dump ended "
-                                           "the peer, and this rank's kernel maps the peer's buffers)"})
-            runs[-1] = trig
+                                           "the peer, and this rank's kernel maps the peer's buffers)",
+                                           "advice": "every rank is triggered at once; a rank that still dies "
+                                           "first has its stacks and launch record in the report"})
+        elif size or "had not closed" in trig.error:
+            trig = trig.model_copy(update={"advice": (
+                f"the driver took the trigger but had written {size} bytes of gpu/{core.name} and not finished; "
+                "its stacks and pending launch record are in the report")})
+        elif not_ready:
+            trig = trig.model_copy(update={"error": f"{not_ready}; {trig.error}"})
+        runs[-1] = trig
         return None, runs
     core = coredump_file(run_dir, pid)
     if not _wait_dump(pid, core, timeout):
@@ -122,20 +184,65 @@ def _dump_one(rank: int, pid: int, run_dir: RunDir, timeout: float) -> tuple[Gpu
     return state, runs
 
 
+def attach_candidates(
+    pids: dict[int, int], run_dir: RunDir, runs: list[CollectorRun]
+) -> tuple[dict[int, int], list[CollectorRun]]:
+    """The ranks whose failed dump leaves cuda-gdb a chance: alive, and no dump started on them (no
+    trigger read, no core file begun). The others get a record saying why attach was not tried."""
+    triggered = {c.rank for c in runs if c.name == "cuda core dump trigger" and
+                 ("had not closed" in c.error or c.ok)}
+    ok: dict[int, int] = {}
+    skipped: list[CollectorRun] = []
+    for r, pid in sorted(pids.items()):
+        if not _alive(pid):
+            continue
+        core = coredump_file(run_dir, pid)
+        size = core.stat().st_size if core.exists() else 0
+        if r in triggered or size:
+            skipped.append(CollectorRun(
+                name="cuda-gdb attach", rank=r, ok=False, seconds=0.0,
+                error=f"not attempted: this process's CUDA core dump had been triggered and had not finished "
+                      f"({size} bytes in gpu/{core.name}); cuda-gdb was refused ptrace on such processes on the "
+                      "H200 although it ran as root",
+                advice="a started dump, not a missing SYS_PTRACE, is what stands in the way here; this rank's "
+                       "stacks and pending launch record are in the report"))
+            continue
+        ok[r] = pid
+    return ok, skipped
+
+
+def explain_attach(runs: list[CollectorRun], triggered: set[int], ptrace_ok: set[int]) -> list[CollectorRun]:
+    """cuda-gdb's ptrace refusal on a rank that py-spy attached to earlier in the run: ptrace is allowed
+    here, so the advice names what else happened to the process instead of asking for SYS_PTRACE."""
+    out = []
+    for c in runs:
+        if c.name.startswith("cuda-gdb") and not c.ok and c.rank in ptrace_ok and "SYS_PTRACE" in c.advice:
+            why = ("after its CUDA core dump had been triggered" if c.rank in triggered
+                   else "while the process was being taken down or held by another tracer")
+            c = c.model_copy(update={"advice": (
+                f"py-spy attached to this process earlier in the run, so ptrace is allowed here: cuda-gdb was "
+                f"refused {why}, not for want of SYS_PTRACE")})
+        out.append(c)
+    return out
+
+
 def collect_gpu_coredump(
-    pids: dict[int, int], run_dir: RunDir, *, timeout: float = 60.0
+    pids: dict[int, int], run_dir: RunDir, *, timeout: float = 60.0, ready_timeout: float = 5.0
 ) -> tuple[list[GpuState], list[CollectorRun]]:
     """Dump every given rank ({rank: pid}, the spinning ones) at once and read the dumps. Destructive:
-    each dumped process dies. Never raises: failures come back as CollectorRun records."""
+    each dumped process dies. Every trigger waits for its pipe's reader (up to `ready_timeout`), then all
+    are written together. Never raises: failures come back as CollectorRun records."""
     live = {r: p for r, p in pids.items() if _alive(p)}
     if not live:
         return [], []
     states: list[GpuState] = []
     runs: list[CollectorRun] = []
+    start = threading.Barrier(len(live))
     with paused_parents(list(live.values())), ThreadPoolExecutor(
         max_workers=len(live), thread_name_prefix="vdiag-coredump"
     ) as ex:
-        futs = {r: ex.submit(_dump_one, r, p, run_dir, timeout) for r, p in sorted(live.items())}
+        futs = {r: ex.submit(_dump_one, r, p, run_dir, timeout, start, ready_timeout)
+                for r, p in sorted(live.items())}
         for r, fut in futs.items():
             try:
                 st, rs = fut.result()

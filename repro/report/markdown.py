@@ -443,7 +443,14 @@ def _summary(report: Report) -> str:
     if not out:
         out.append(f"**No verdict text from the analysis; the watchdog classed the run as {w.cls}.**")
     facts: list[str] = []
-    if v.spinning:
+    kernels: dict[str, list[int]] = {}
+    for rw in v.ranks:
+        if rw.state == "spinning":
+            kernels.setdefault(rw.kernel, []).append(rw.rank)
+    if v.spinning and len(kernels) > 1:  # ranks in different kernels: each with its own
+        facts.append("- spinning: " + "; ".join(
+            f"{rank_label(rs)} in {_code(k)}" if k else rank_label(rs) for k, rs in kernels.items()))
+    elif v.spinning:
         where = f" in {_code(v.kernel)}" if v.kernel else ""
         call = f" ({_md(call_text(v.call), 400)})" if v.call else ""
         facts.append(f"- spinning: {rank_label(v.spinning)}{where}{call}")
@@ -451,6 +458,9 @@ def _summary(report: Report) -> str:
         facts.append(f"- kernel: {_code(v.kernel)}")
     if v.idle:
         facts.append(f"- idle: {rank_label(v.idle)}")
+    for st in w.stragglers:
+        facts.append(f"- straggler: rank {st.rank}, on the host outside every known wait in {_code(st.where)}, "
+                     f"{st.idle_s:g} s without progress" + (" (it resumed)" if w.cls == "slow" else ""))
     if v.top_hypothesis:
         title = next((h.title for h in report.analysis.hypotheses if h.key == v.top_hypothesis), "")
         facts.append(f"- top hypothesis: {_md(title or v.top_hypothesis, 400)}")
@@ -521,6 +531,51 @@ def _ranks_section(report: Report) -> _Section | None:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return _Section(title="## Ranks", items=rows, noun="rank rows", head=head, collapsible=False, weight=4)
+
+
+def _where_section(report: Report) -> _Section | None:
+    """Every hung rank's own kernel and wait site, and where each came from."""
+    ranks = report.analysis.verdict.ranks
+    if not ranks:
+        return None
+    head = "| ranks | state | kernel | source | waits in | call |\n|---|---|---|---|---|---|"
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for rw in ranks:  # ranks that agree on everything share a row
+        kernel = rw.kernel + (f" ({rw.geometry})" if rw.geometry else "")
+        key = (rw.state, kernel, rw.kernel_source, rw.site, call_text(rw.call) if rw.call else "")
+        groups.setdefault(key, []).append(rw.rank)
+    rows = []
+    for (state, kernel, source, site, call), rs in groups.items():
+        rows.append("| " + " | ".join([
+            rank_label(rs), state, _cell(_md(kernel, 300)) or "-", _cell(_md(source, 100)) or "-",
+            _cell(_md(site, 300)) or "-", _cell(_md(call, 300)) or "-",
+        ]) + " |")
+    return _Section(title="## Where each hung rank waits", items=rows, noun="rank rows", head=head,
+                    collapsible=False, weight=3)
+
+
+def _faults_section(report: Report) -> _Section | None:
+    """The scenario's injected faults: which fired, where, and which never did."""
+    if not report.faults:
+        return None
+    fired = [f for f in report.faults if f.fired]
+    head = f"{len(fired)} of {len(report.faults)} injected faults fired."
+    rows = []
+    for f in report.faults:
+        sel = ", ".join(f"{k}={v}" for k, v in f.selector.items()) or "every call"
+        if f.fired:
+            where = "; ".join(
+                f"rank {r} at " + ", ".join(call_text(c) for c in calls[:3]) + (f" (+{len(calls) - 3})" if len(calls) > 3 else "")
+                for r, calls in sorted(f.fired_on.items()))
+            missing = [r for r in f.ranks if r not in f.fired_on]
+            rows.append(f"- faults[{f.index}] {f.kind} ({sel}): **fired** on {where}"
+                        + (f"; not on {rank_label(missing)}" if missing else ""))
+        else:
+            why = f": {_md(f.warning, 400)}" if f.warning else (
+                ": no matching call was reached before the run stopped" if report.watchdog.cls not in
+                ("clean", "slow", "corruption") else "")
+            rows.append(f"- faults[{f.index}] {f.kind} ({sel}) on {rank_label(f.ranks)}: **never fired**{why}")
+    return _Section(title="## Injected faults", items=rows, noun="faults", head=head, collapsible=False, weight=2)
 
 
 def _hypotheses_section(report: Report) -> _Section | None:
@@ -858,6 +913,8 @@ def render_markdown(report: Report, *, limit: int = MARKDOWN_LIMIT) -> str:
     footer = _footer(report)
     makers = (
         _ranks_section,
+        _where_section,
+        _faults_section,
         _observed_section,
         _hypotheses_section,
         _evidence_section,

@@ -79,7 +79,10 @@ def test_ctrl_c_cleans_up_and_keeps_what_was_collected(reports: Path) -> None:
     assert leftovers(rd) == []
     assert shm_names() <= before
     assert (rd / "launch" / "rank0.jsonl").stat().st_size > 0
-    assert "interrupted" in (rd / "report.md").read_text()
+    md = (rd / "report.md").read_text()
+    assert "interrupted" in md
+    assert "**interrupted: the run was stopped by Ctrl-C (SIGINT) before a verdict**" in md
+    assert "timeout: the run did not finish" not in md
 
 
 def test_killing_vdiag_itself_takes_the_workers_with_it(reports: Path) -> None:
@@ -93,6 +96,15 @@ def test_killing_vdiag_itself_takes_the_workers_with_it(reports: Path) -> None:
                              for x in pids.values()), 15, "the workers to die with vdiag")
     wait_for(lambda: leftovers(rd) == [], 15, "torchrun to exit")
     assert shm_names() <= before
+    # no report was written, but the folder's records still render one
+    assert not (rd / "report.json").exists()
+    again = run_vdiag(["report", str(rd)], reports)
+    assert again.rc == 0, again.stderr
+    rep = json.loads((rd / "report.json").read_text())
+    assert rep["watchdog"]["cls"] == "interrupted" and rep["watchdog"]["interrupted_by"] == "killed"
+    assert rep["exit_code"] == 137
+    assert all(r["calls_done"] > 0 for r in rep["ranks"])
+    assert "rebuilt by `vdiag report`" in (rd / "report.md").read_text()
 
 
 def test_ptrace_denied_run_still_reports_stacks_and_how_to_grant_it(reports: Path) -> None:

@@ -131,7 +131,7 @@ def test_two_nodes_on_loopback_report_a_hang_that_spans_both(tmp_path: Path) -> 
         assert sorted({s["rank"] for s in rep["stacks"]}) == [0, 1, 2, 3]
         md = (folder / "report.md").read_text()
         # The verdict names ranks of both nodes: the spinner, its idle peer, and the other node's waiters.
-        for text in ("rank 0 (pp 0, tp 0) spins", "rank 1 (pp 0, tp 1) is idle", "ranks 2-3 are idle",
+        for text in ("Rank 0 (pp 0, tp 0) spins", "rank 1 (pp 0, tp 1) is idle", "ranks 2-3 are idle",
                      "Nodes: node 0"):
             assert text in md, text
         assert sorted(p.name for p in (folder / "launch").glob("*.jsonl")) == [f"rank{r}.jsonl" for r in range(4)]

@@ -59,6 +59,9 @@ def test_seed_scenario_hangs_and_names_aliasing(seed: VdiagRun) -> None:
         "host-collective",
     }
     assert "payload scaled" in md
+    # the headline paragraph stays short; the per-rank details are in their sections
+    assert len(rep["analysis"]["verdict"]["paragraph"]) < 700, rep["analysis"]["verdict"]["paragraph"]
+    assert {w["rank"] for w in rep["analysis"]["verdict"]["ranks"]} == set(range(4))
 
 
 def test_seed_run_keeps_launch_logs_stacks_and_leaves_nothing(seed: VdiagRun) -> None:

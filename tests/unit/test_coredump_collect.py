@@ -93,3 +93,86 @@ def test_a_rank_with_no_pipe_is_a_recorded_failure(tmp_path: Path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+# A driver whose pipe appears late (CUDA initialises after the hello record) and that dies without a dump
+# when a peer's dump finishes before its own trigger arrived: the peer's buffers, which its kernel maps,
+# are gone (issue 21: the first rank's dump ended processes its peers depended on).
+LATE_PEER_DRIVER = r"""
+import glob, os, resource, sys, time
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+gpu, delay = sys.argv[1], float(sys.argv[2])
+print("ready", flush=True)
+time.sleep(delay)
+pipe = os.path.join(gpu, f"pipe.{os.getpid()}")
+os.mkfifo(pipe)
+fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+mine = os.path.join(gpu, f"core.{os.getpid()}")
+n = 0
+while n < 100_000:
+    if n == 0 and any(p != mine for p in glob.glob(os.path.join(gpu, "core.*"))):
+        sys.exit(7)  # a peer's finished dump took the buffers this rank's kernel polls
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        time.sleep(0.005)
+        continue
+    if not chunk:
+        time.sleep(0.005)
+        continue
+    n += len(chunk)
+os.close(fd)
+time.sleep(0.3)
+with open(mine, "wb") as f:
+    f.write(b"\x7fELF" + bytes(4096))
+os.abort()
+"""
+
+
+def test_every_rank_is_dumped_when_one_pipe_is_late_and_a_finished_dump_ends_the_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_cuda_gdb(tmp_path, monkeypatch)
+    rd = RunDir.create(tmp_path, "t")
+    gpu_dir = str((rd.root / "gpu").resolve())
+    procs = [subprocess.Popen([sys.executable, "-c", LATE_PEER_DRIVER, gpu_dir, d], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path) for d in ("0", "1.0", "0")]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        states, runs = collect_gpu_coredump({i: p.pid for i, p in enumerate(procs)}, rd, timeout=20)
+        assert sorted(s.rank for s in states) == [0, 1, 2], [r.model_dump() for r in runs if not r.ok]
+        for p in procs:
+            assert p.wait(timeout=10) == -signal.SIGABRT  # each died of its own dump, none of a peer's
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_rank_whose_dump_started_is_not_handed_to_cuda_gdb(tmp_path: Path) -> None:
+    from repro.collectors.coredump import attach_candidates, explain_attach
+    from repro.records import CollectorRun
+    from repro.tools import ptrace_advice
+
+    rd = RunDir.create(tmp_path, "t")
+    held, free = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2))
+    try:
+        coredump_file(rd, held.pid).write_bytes(bytes(5_000_000))  # the driver had begun writing it
+        trig = CollectorRun(name="cuda core dump trigger", rank=0, ok=False, seconds=10.0,
+                            error=f"the driver had not closed pipe.{held.pid} after 10 s (6029312 bytes written)")
+        ok, skipped = attach_candidates({0: held.pid, 1: free.pid}, rd, [trig])
+        assert ok == {1: free.pid}
+        assert len(skipped) == 1 and skipped[0].rank == 0 and "5000000 bytes" in skipped[0].error
+        assert "SYS_PTRACE" not in skipped[0].advice.replace("not a missing SYS_PTRACE", "")
+        denied = CollectorRun(name="cuda-gdb attach", rank=1, ok=False, seconds=1.0,
+                              error="ptrace: Operation not permitted.", advice=ptrace_advice("cuda-gdb"))
+        [explained] = explain_attach([denied], triggered={1}, ptrace_ok={1})
+        assert "py-spy attached to this process earlier" in explained.advice
+        assert "after its CUDA core dump had been triggered" in explained.advice
+        [kept] = explain_attach([denied], triggered={1}, ptrace_ok=set())  # no proof ptrace works: keep it
+        assert "SYS_PTRACE" in kept.advice
+    finally:
+        for p in (held, free):
+            p.kill()
+            p.wait()

@@ -1,0 +1,135 @@
+"""Unit checks for issue 21's pieces: fault selectors that cannot match, the real error in a crashed
+rank's log (issue 19), known waits in stacks, and the cause sentence's capitals."""
+
+from __future__ import annotations
+
+import pytest
+
+from repro.analysis import _cause, host_frames, known_wait
+from repro.records import Frame, Hypothesis, StackSample, ThreadStack
+from repro.scenario import Scenario, fault_warnings
+from repro.watchdog import error_line
+
+
+def _sc(**over: object) -> Scenario:
+    data: dict[str, object] = {
+        "name": "t", "model": {"preset": "llama-3.1-8b", "num_layers": 4}, "parallel": {"tp": 2},
+        "capture": {"sizes": [16, 8], "max_num_batched_tokens": 512},
+        "fusion": {"allreduce_rms": "on"}, "backend": "sim",
+    }
+    data.update(over)
+    return Scenario.model_validate(data)
+
+
+@pytest.mark.parametrize(("fault", "field"), [
+    ({"kind": "token_divergence", "rank": 0, "at": {"layer": 4}}, "faults[0].at.layer: 4, but model.num_layers is 4"),
+    ({"kind": "delay", "rank": 1, "at": {"size": 24}}, "faults[0].at.size: 24 is not a size any phase runs"),
+    ({"kind": "delay", "rank": 1, "at": {"phase": "profile", "size": 16}},
+     "faults[0].at.size: 16 is not a size phase profile runs (512)"),
+    ({"kind": "delay", "rank": 1, "at": {"call": 10_000}}, "faults[0].at.call: 10000, but the replay makes 48 calls"),
+    ({"kind": "delay", "rank": 1, "at": {"phase": "workspace"}}, "faults[0].at.phase: workspace has no all-reduce"),
+    ({"kind": "delay", "rank": 1, "at": {"phase": "warmup", "call": 0}}, "faults[0].at: no call matches every field"),
+])
+def test_a_selector_that_cannot_match_is_named_with_its_field(fault: dict[str, object], field: str) -> None:
+    warns = fault_warnings(_sc(faults=[fault]), "s.yaml")
+    assert len(warns) == 1 and warns[0].startswith(f"s.yaml: warning: {field}"), warns
+    assert warns[0].endswith("the fault never fires")
+
+
+def test_selectors_that_can_match_give_no_warning() -> None:
+    faults = [
+        {"kind": "token_divergence", "rank": 0, "at": {"phase": "capture", "size": 16, "layer": 3, "sub": 1}},
+        {"kind": "delay", "rank": 1, "at": {"phase": "profile", "size": 512}},
+        {"kind": "delay", "rank": 1, "at": {"call": 47}},
+        {"kind": "workspace_fail", "rank": 1},
+    ]
+    assert fault_warnings(_sc(faults=faults)) == []
+
+
+def test_a_fused_only_fault_without_fusion_never_fires() -> None:
+    warns = fault_warnings(_sc(fusion={"allreduce_rms": "off"},
+                               faults=[{"kind": "protocol_mismatch", "rank": 1, "at": {"layer": 0}}]))
+    assert len(warns) == 1 and "faults[0].kind: protocol_mismatch acts on the fused all-reduce" in warns[0]
+
+
+def test_every_shipped_scenario_has_faults_that_can_fire() -> None:
+    from repro.scenario import load_scenario
+    from tests.conftest import SCENARIOS
+
+    for path in sorted(SCENARIOS.glob("*.yaml")):
+        assert fault_warnings(load_scenario(path), str(path)) == [], path
+
+
+# ---- issue 19: the crash line ----------------------------------------------------------------------------
+
+# The shape of the H200 log in issue 19: the CUDA error, then NCCL and extension-module lines after it.
+H200_LOG = """\
+[rank0]:[W1201 10:02:11 ProcessGroupNCCL.cpp:1250] Warning: WARNING: process group has NOT been destroyed
+Traceback (most recent call last):
+  File "/work/vllm/v1/worker/gpu_model_runner.py", line 3120, in capture_model
+    torch.accelerator.empty_cache()
+RuntimeError: CUDA error: an illegal memory access was encountered
+CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.
+For debugging consider passing CUDA_LAUNCH_BLOCKING=1
+NCCL INFO [Service thread] Connection closed by localRank 0
+""".splitlines()
+
+
+def test_the_crash_line_is_the_cuda_error_not_the_last_nccl_line() -> None:
+    assert error_line(H200_LOG) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+def test_the_crash_line_is_a_python_fatal_error_or_the_exception_after_a_traceback() -> None:
+    fatal = ["Starting GPU coredump generation", "Fatal Python error: Aborted", "", "Thread 0x7f (most recent call first):",
+             '  File "x.py", line 3 in f', "Extension modules: numpy.core._multiarray_umath, torch._C (total: 40)"]
+    assert error_line(fatal) == "Fatal Python error: Aborted"
+    tb = ["Traceback (most recent call last):", '  File "r.py", line 9, in one_call',
+          '    raise ValueError("x")', "ValueError: 20000 tokens exceed the workspace's max_token_num 16384",
+          "W1201 torch/distributed/elastic: Sending process 9 closing signal SIGTERM"]
+    assert error_line(tb) == "ValueError: 20000 tokens exceed the workspace's max_token_num 16384"
+    assert error_line(["NCCL INFO bye", "all good"]) == ""
+
+
+# ---- stacks: known waits and stragglers ---------------------------------------------------------------------------
+
+
+def _stack(*funcs: tuple[str, str, int]) -> StackSample:
+    frames = [Frame(function=f, file=file, line=line) for f, file, line in funcs]
+    return StackSample(rank=1, pid=1, source="py-spy", threads=[ThreadStack(thread="0x1", name="MainThread",
+                                                                           frames=frames)])
+
+
+def test_known_waits_and_a_host_straggler_are_told_apart() -> None:
+    in_collective = _stack(("all_reduce", "/t/torch/distributed/distributed_c10d.py", 2800),
+                           ("one_call", "/w/repro/replay.py", 240))
+    in_event = _stack(("wait", "/usr/lib/python3.11/threading.py", 331), ("main", "/w/x.py", 3))
+    on_host = _stack(("run_rank.<locals>.one_call", "/w/repro/replay.py", 212),
+                     ("run_rank.<locals>.forward", "/w/repro/replay.py", 290), ("run_rank", "/w/repro/replay.py", 300))
+    assert "all_reduce" in known_wait(in_collective)
+    assert known_wait(in_event).startswith("wait (")
+    assert known_wait(on_host) == ""
+    assert host_frames(on_host) == "one_call (repro/replay.py:212) <- forward <- run_rank"
+
+
+def test_the_cause_sentence_keeps_an_acronyms_capitals() -> None:
+    def hyp(title: str) -> Hypothesis:
+        return Hypothesis(key="k", title=title, status="supported", score=3)
+
+    assert _cause(hyp("TP peers launched different configurations")) == \
+        " Most likely cause: TP peers launched different configurations (supported)."
+    assert _cause(hyp("Workspace rendezvoused over the wrong group")) == \
+        " Most likely cause: workspace rendezvoused over the wrong group (supported)."
+
+
+def test_the_readme_and_errors_tables_list_every_exit_code() -> None:
+    import re
+
+    from repro import errors
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    in_readme = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    in_doc = {int(m) for m in re.findall(r"^\| (\d+) \|", errors.__doc__ or "", re.M)}
+    codes = {int(c) for c in errors.ExitCode}
+    assert in_readme == codes and in_doc == codes
