@@ -61,6 +61,8 @@ class Case:
 CASES = [
     Case("seed", "llama70b-pp2-tp2-fusion.yaml", SEED_SETS),
     Case("seed-tpgroup", "llama70b-pp2-tp2-fusion-tpgroup.yaml", SEED_SETS),
+    # 8 ranks on one GPU (TP=4 PP=2, workspace over WORLD): GPU state for every hung rank (issue 21)
+    Case("seed-8rank", "llama70b-pp2-tp2-fusion.yaml", [*SEED_SETS, "parallel.tp=4"]),
     Case("mech-token-divergence", "mech-token-divergence.yaml", MECH_SETS),
     Case("mech-protocol-mismatch", "mech-protocol-mismatch.yaml", MECH_SETS),
     Case("mech-missing-peer", "mech-missing-peer.yaml", MECH_SETS),
