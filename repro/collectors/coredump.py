@@ -156,9 +156,17 @@ def _dump_one(
                                            "advice": "every rank is triggered at once; a rank that still dies "
                                            "first has its stacks and launch record in the report"})
         elif size or "had not closed" in trig.error:
+            # The driver kept reading the pipe without closing it. Give the dump the rest of the timeout:
+            # it may start once the peers' dumps have ended (seen: one rank per GPU lags).
+            if _wait_dump(pid, core, max(0.0, timeout - (time.monotonic() - t0))):
+                runs[-1] = trig.model_copy(update={"ok": True, "advice": (
+                    f"the driver did not close the pipe within 10 s, but the dump arrived "
+                    f"{time.monotonic() - t0:.1f} s after the trigger")})
+                return _read_dump(rank, pid, run_dir, core, timeout, t0, runs)
+            state = process_state(pid)
             trig = trig.model_copy(update={"advice": (
-                f"the driver took the trigger but had written {size} bytes of gpu/{core.name} and not finished; "
-                "its stacks and pending launch record are in the report")})
+                f"the driver took the trigger but had written {size} bytes of gpu/{core.name} after "
+                f"{time.monotonic() - t0:.0f} s ({state}); its stacks and pending launch record are in the report")})
         elif not_ready:
             trig = trig.model_copy(update={"error": f"{not_ready}; {trig.error}"})
         runs[-1] = trig
@@ -166,8 +174,36 @@ def _dump_one(
     core = coredump_file(run_dir, pid)
     if not _wait_dump(pid, core, timeout):
         runs.append(CollectorRun(name=NAME, rank=rank, ok=False, seconds=round(time.monotonic() - t0, 3),
-                                 error=f"no complete dump at {core} after {timeout:g} s", artifact=str(core)))
+                                 error=f"no complete dump at {core} after {timeout:g} s ({process_state(pid)})",
+                                 artifact=str(core)))
         return None, runs
+    return _read_dump(rank, pid, run_dir, core, timeout, t0, runs)
+
+
+def process_state(pid: int) -> str:
+    """What the OS says of a process whose dump does not finish: alive or not, its tracer, its threads' states."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "the process has exited"
+    tracer = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("TracerPid:")), "0")
+    states: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError):
+                st = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                states[st] = states.get(st, 0) + 1
+    who = ""
+    if tracer != "0":
+        with contextlib.suppress(OSError):
+            who = " " + Path(f"/proc/{tracer}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80].strip()
+    threads = ", ".join(f"{n} {k}" for k, n in sorted(states.items()))
+    return f"from /proc: alive, TracerPid {tracer}{who}, threads {threads or '?'}"
+
+
+def _read_dump(
+    rank: int, pid: int, run_dir: RunDir, core: Path, timeout: float, t0: float, runs: list[CollectorRun]
+) -> tuple[GpuState | None, list[CollectorRun]]:
     dumped = time.monotonic() - t0
     try:
         state = read_cudacore(core, run_dir, rank, pid, timeout=timeout)
@@ -237,9 +273,10 @@ def collect_gpu_coredump(
         return [], []
     states: list[GpuState] = []
     runs: list[CollectorRun] = []
-    start = threading.Barrier(len(live))
+    serial = os.environ.get("VDIAG_COREDUMP_SERIAL") == "1"  # one dump at a time (GPU validation's comparison)
+    start = None if serial else threading.Barrier(len(live))
     with paused_parents(list(live.values())), ThreadPoolExecutor(
-        max_workers=len(live), thread_name_prefix="vdiag-coredump"
+        max_workers=1 if serial else len(live), thread_name_prefix="vdiag-coredump"
     ) as ex:
         futs = {r: ex.submit(_dump_one, r, p, run_dir, timeout, start, ready_timeout)
                 for r, p in sorted(live.items())}
