@@ -2,7 +2,7 @@
 
 The workers start with `repro.collectors.gpu.coredump_env` (pipes and dumps under the run folder). When
 the verdict is a GPU-side hang, and only after every non-destructive collector has finished, vdiag
-writes into each spinning rank's pipe at once (the driver then writes gpu/core.<pid> and aborts the
+writes into each spinning rank's pipe in turn (the driver then writes gpu/core.<pid> and aborts the
 process), waits for each process to end and for its dump to stop growing, and reads the dumps offline
 with cuda-gdb (`read_cudacore`), giving GpuState(source="cuda core dump").
 
@@ -10,12 +10,14 @@ torchrun stops the whole job when one worker dies; a rank whose dump is still be
 killed half-way. So the torchrun agents above the dumped workers are paused (SIGSTOP) for the duration
 and resumed afterwards; the run's teardown ends them anyway.
 
-A finished dump ends its process, and its peers' kernels map that process's buffers: a rank triggered
-after a peer's dump has finished may never dump. So every rank's trigger waits until the driver has the
-rank's pipe open for reading, and then all of them are written at the same moment (a barrier). A rank
-whose dump was started (its trigger read, its core file begun) is not handed to cuda-gdb afterwards:
-on the H200 such processes refused cuda-gdb's ptrace although vdiag ran as root, so the advice says
-that rather than asking for SYS_PTRACE (`attach_candidates`, `explain_attach`).
+Each rank's trigger waits until the driver has the rank's pipe open for reading (CUDA initialises after
+the rank's first record), and the ranks are dumped one at a time. Measured on the lent H200 (2026-12-01,
+ranks sharing one GPU, docs/gpu-validation.md): triggered all at once, one rank's driver kept reading its
+pipe and never began the dump in 5 of 6 multi-rank hangs (TracerPid 0, no core bytes after 60 s); one at
+a time, 11 of 11 spinning ranks in 3 runs were dumped in 1.3-5.9 s each, and no rank died of a peer's
+dump. A rank whose dump was started (its trigger read, its core file begun) is not handed to cuda-gdb
+afterwards: on the H200 such processes refused cuda-gdb's ptrace although vdiag ran as root, so the
+advice says that rather than asking for SYS_PTRACE (`attach_candidates`, `explain_attach`).
 
 Measured on the lent H100 (docs/gpu-validation.md): see AUTO_GPU_STATE for what `--gpu-state auto` takes.
 """
@@ -151,13 +153,12 @@ def _dump_one(
         core = coredump_file(run_dir, pid)
         size = core.stat().st_size if core.exists() else 0
         if not _alive(pid):
-            trig = trig.model_copy(update={"error": trig.error + "; the process died meanwhile (a peer's dump ended "
-                                           "the peer, and this rank's kernel maps the peer's buffers)",
-                                           "advice": "every rank is triggered at once; a rank that still dies "
-                                           "first has its stacks and launch record in the report"})
+            trig = trig.model_copy(update={"error": trig.error + "; the process died meanwhile, without a dump",
+                                           "advice": "this rank's stacks and pending launch record are in the "
+                                           "report"})
         elif size or "had not closed" in trig.error:
-            # The driver kept reading the pipe without closing it. Give the dump the rest of the timeout:
-            # it may start once the peers' dumps have ended (seen: one rank per GPU lags).
+            # The driver kept reading the pipe without closing it (seen on the H200 when several dumps were
+            # triggered at once). Give the dump the rest of the timeout before giving up on it.
             if _wait_dump(pid, core, max(0.0, timeout - (time.monotonic() - t0))):
                 runs[-1] = trig.model_copy(update={"ok": True, "advice": (
                     f"the driver did not close the pipe within 10 s, but the dump arrived "
@@ -265,15 +266,19 @@ def explain_attach(runs: list[CollectorRun], triggered: set[int], ptrace_ok: set
 def collect_gpu_coredump(
     pids: dict[int, int], run_dir: RunDir, *, timeout: float = 60.0, ready_timeout: float = 5.0
 ) -> tuple[list[GpuState], list[CollectorRun]]:
-    """Dump every given rank ({rank: pid}, the spinning ones) at once and read the dumps. Destructive:
-    each dumped process dies. Every trigger waits for its pipe's reader (up to `ready_timeout`), then all
-    are written together. Never raises: failures come back as CollectorRun records."""
+    """Dump every given rank ({rank: pid}, the spinning ones), one after the other, and read the dumps.
+    Destructive: each dumped process dies. Every trigger waits for its pipe's reader (up to `ready_timeout`).
+    Never raises: failures come back as CollectorRun records."""
     live = {r: p for r, p in pids.items() if _alive(p)}
     if not live:
         return [], []
     states: list[GpuState] = []
     runs: list[CollectorRun] = []
-    serial = os.environ.get("VDIAG_COREDUMP_SERIAL") == "1"  # one dump at a time (GPU validation's comparison)
+    # One dump at a time. On the H200, triggering every spinning rank at once lost one rank's dump in 5 of 6
+    # runs (its driver kept reading the pipe and never began the dump); one at a time, 11 of 11 ranks in
+    # 3 runs were dumped, and no rank died of a peer's dump (docs/gpu-validation.md). VDIAG_COREDUMP_CONCURRENT=1
+    # restores the all-at-once trigger for that comparison.
+    serial = os.environ.get("VDIAG_COREDUMP_CONCURRENT") != "1"
     start = None if serial else threading.Barrier(len(live))
     with paused_parents(list(live.values())), ThreadPoolExecutor(
         max_workers=1 if serial else len(live), thread_name_prefix="vdiag-coredump"

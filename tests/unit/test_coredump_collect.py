@@ -95,11 +95,11 @@ def test_a_rank_with_no_pipe_is_a_recorded_failure(tmp_path: Path) -> None:
         p.wait()
 
 
-# A driver whose pipe appears late (CUDA initialises after the hello record) and that dies without a dump
-# when a peer's dump finishes before its own trigger arrived: the peer's buffers, which its kernel maps,
-# are gone (issue 21: the first rank's dump ended processes its peers depended on).
-LATE_PEER_DRIVER = r"""
-import glob, os, resource, sys, time
+# A driver modelled on what the H200 showed (docs/gpu-validation.md): its pipe appears late (CUDA
+# initialises after the hello record), and a trigger that arrives while another process on the GPU is
+# being dumped is drained but never begins a dump. One GPU, one dump at a time: the lock file below.
+BUSY_GPU_DRIVER = r"""
+import fcntl, os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 gpu, delay = sys.argv[1], float(sys.argv[2])
 print("ready", flush=True)
@@ -107,43 +107,69 @@ time.sleep(delay)
 pipe = os.path.join(gpu, f"pipe.{os.getpid()}")
 os.mkfifo(pipe)
 fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
-mine = os.path.join(gpu, f"core.{os.getpid()}")
-n = 0
-while n < 100_000:
-    if n == 0 and any(p != mine for p in glob.glob(os.path.join(gpu, "core.*"))):
-        sys.exit(7)  # a peer's finished dump took the buffers this rank's kernel polls
+device = os.open(os.path.join(gpu, "device.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+n, stuck = 0, False
+while True:
     try:
         chunk = os.read(fd, 65536)
     except BlockingIOError:
-        time.sleep(0.005)
-        continue
-    if not chunk:
-        time.sleep(0.005)
-        continue
+        chunk = b""
+    if chunk and n == 0:
+        try:
+            fcntl.flock(device, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stuck = True  # another dump holds the device: drain the pipe for ever, never dump
     n += len(chunk)
+    if n >= 100_000 and not stuck:
+        break
+    time.sleep(0.005)
 os.close(fd)
 time.sleep(0.3)
-with open(mine, "wb") as f:
+with open(os.path.join(gpu, f"core.{os.getpid()}"), "wb") as f:
     f.write(b"\x7fELF" + bytes(4096))
 os.abort()
 """
 
 
-def test_every_rank_is_dumped_when_one_pipe_is_late_and_a_finished_dump_ends_the_peers(
+def _busy_gpu_ranks(tmp_path: Path) -> tuple[RunDir, list[subprocess.Popen[str]]]:
+    rd = RunDir.create(tmp_path, "t")
+    gpu_dir = str((rd.root / "gpu").resolve())
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_GPU_DRIVER, gpu_dir, d], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path) for d in ("0", "1.0", "0")]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return rd, procs
+
+
+def test_every_rank_is_dumped_one_at_a_time_when_one_pipe_is_late_and_the_gpu_takes_one_dump(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fake_cuda_gdb(tmp_path, monkeypatch)
-    rd = RunDir.create(tmp_path, "t")
-    gpu_dir = str((rd.root / "gpu").resolve())
-    procs = [subprocess.Popen([sys.executable, "-c", LATE_PEER_DRIVER, gpu_dir, d], stdout=subprocess.PIPE,
-                              text=True, cwd=tmp_path) for d in ("0", "1.0", "0")]
+    monkeypatch.delenv("VDIAG_COREDUMP_CONCURRENT", raising=False)
+    rd, procs = _busy_gpu_ranks(tmp_path)
     try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         states, runs = collect_gpu_coredump({i: p.pid for i, p in enumerate(procs)}, rd, timeout=20)
         assert sorted(s.rank for s in states) == [0, 1, 2], [r.model_dump() for r in runs if not r.ok]
         for p in procs:
-            assert p.wait(timeout=10) == -signal.SIGABRT  # each died of its own dump, none of a peer's
+            assert p.wait(timeout=10) == -signal.SIGABRT  # each died of its own dump
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_triggered_all_at_once_a_rank_whose_driver_never_dumps_is_described_from_proc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_cuda_gdb(tmp_path, monkeypatch)
+    monkeypatch.setenv("VDIAG_COREDUMP_CONCURRENT", "1")
+    rd, procs = _busy_gpu_ranks(tmp_path)
+    try:
+        states, runs = collect_gpu_coredump({i: p.pid for i, p in enumerate(procs)}, rd, timeout=4)
+        assert len(states) < 3
+        stuck = [r for r in runs if r.name == "cuda core dump trigger" and not r.ok]
+        assert stuck and all("had not closed" in r.error for r in stuck)
+        assert all("from /proc: alive, TracerPid 0" in r.advice for r in stuck), [r.advice for r in stuck]
     finally:
         for p in procs:
             if p.poll() is None:
