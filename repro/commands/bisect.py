@@ -18,9 +18,12 @@ BISECT_HELP = """Find the commit (--repo) or package version (--pip) that made a
 
 Drives real `git bisect` in a temporary worktree (your checkout is never touched); each step runs
 `vdiag run` with the checkout first on the workers' PYTHONPATH (the scenario's `hook:` comes from it).
-A step is bad at its first run that hangs (or gives wrong results), good after enough clean runs
-(--confidence, --min-rate), skipped when --setup fails or a run crashes. For flaky hangs,
---search bayes keeps a posterior over the first bad commit and runs where it learns most.
+The search (--search bayes, the default) keeps a posterior over which commit is the first bad one,
+knowing that a bad commit may run clean (--repro-rate, learned when not given) and a good one may fail
+for an unrelated reason (--false-fail-rate); it runs where it learns most and stops when one commit
+reaches --confidence. --search rule is the plain binary search: a step is bad at its first run that
+hangs (or gives wrong results), good after enough clean runs (--confidence, --min-rate). A step is
+skipped when --setup fails or a run crashes.
 `hook: vllm-source` in the scenario reads the fusion gate, the workspace group and the FlashInfer
 pin from each vLLM checkout (CPU only; see docs/bisect.md).
 
@@ -60,8 +63,8 @@ def bisect_cmd(
     min_rate: float = typer.Option(0.3, help="the lowest hang rate to rule out before calling a step good "
                                    "(1: the hang is deterministic, one run per step)"),
     max_runs: int = typer.Option(10, help="most runs of one step (--search bayes: of the bad end, run until it reproduces)"),
-    search: str = typer.Option("rule", help="rule: binary search, each step judged by --confidence/--min-rate; "
-                               "bayes: flake-aware Bayesian search, stops at --confidence"),
+    search: str = typer.Option("bayes", help="bayes (default): flake-aware Bayesian search, stops at --confidence; "
+                               "rule: binary search, each step good after enough clean runs (--confidence, --min-rate)"),
     repro_rate: float = typer.Option(None, help="--search bayes: how often a bad commit reproduces "
                                      "(default: learned from the runs)"),
     false_fail_rate: float = typer.Option(0.01, help="--search bayes: how often a good commit fails for an "

@@ -230,7 +230,7 @@ def test_bisect_names_the_deterministic_culprit_and_restores_the_repo(det_repo: 
     reports = tmp_path / "reports"
     p = vdiag(["bisect", str(scenario_file(tmp_path)), "--repo", str(det_repo.path), "--good", det_repo.commits[0],
                "--bad", "main", "--python-only", "--setup", SETUP,
-               "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"], tmp_path)
+               "--search", "rule", "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     culprit = det_repo.commits[3]
     out = p.stdout.splitlines()
@@ -276,7 +276,7 @@ def test_bisect_refuses_good_and_bad_the_wrong_way_round(det_repo: ToyRepo, tmp_
     assert not (tmp_path / "r1").exists() or not any((tmp_path / "r1").iterdir())
     # by behaviour: --good already hangs
     p = vdiag(["bisect", str(sc), "--repo", str(det_repo.path), "--good", det_repo.commits[3], "--bad", "main",
-               "--python-only", "--min-rate", "1", "--reports", str(tmp_path / "r2"), "--gpu-state", "none"], tmp_path)
+               "--python-only", "--search", "rule", "--min-rate", "1", "--reports", str(tmp_path / "r2"), "--gpu-state", "none"], tmp_path)
     assert p.returncode == 2, p.stdout + p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("vdiag: error:")]
     assert len(err) == 1 and err[0].startswith(f"vdiag: error: --good {det_repo.commits[3][:10]} ")
@@ -295,7 +295,7 @@ def test_bisect_checks_scenario_and_revisions_before_any_step(det_repo: ToyRepo,
                "--bad", "main"], tmp_path)
     assert p.returncode == 2 and "--good nosuchrev: no such commit" in p.stderr
     p = vdiag(["bisect", str(scenario_file(tmp_path)), "--repo", str(det_repo.path), "--good", "main~4",
-               "--bad", "main", "--confidence", "0.99", "--min-rate", "0.1"], tmp_path)
+               "--bad", "main", "--confidence", "0.99", "--search", "rule", "--min-rate", "0.1"], tmp_path)
     assert p.returncode == 2 and "needs 44 clean runs per good step, more than --max-runs 10" in p.stderr
 
 
@@ -306,7 +306,7 @@ def test_bisect_interrupted_restores_the_repo(det_repo: ToyRepo, tmp_path: Path)
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "repro.cli"]
     proc = subprocess.Popen(
         [*cmd, "bisect", str(scenario_file(tmp_path)), "--repo", str(det_repo.path), "--good", det_repo.commits[0],
-         "--bad", "main", "--python-only", "--min-rate", "1", "--reports", str(reports)],
+         "--bad", "main", "--python-only", "--search", "rule", "--min-rate", "1", "--reports", str(reports)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -348,7 +348,7 @@ def test_bisect_skips_a_commit_that_cannot_import(tmp_path: Path) -> None:
     before = repo.state()
     reports = tmp_path / "reports"
     p = vdiag(["bisect", str(scenario_file(tmp_path)), "--repo", str(repo.path), "--good", repo.commits[0],
-               "--bad", repo.commits[-1], "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"],
+               "--bad", repo.commits[-1], "--search", "rule", "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"],
               tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[0] == (
@@ -384,7 +384,7 @@ def test_bisect_reruns_steps_so_a_flaky_culprit_is_not_labelled_good(flaky_repo:
     state = tmp_path / "flaky-state"
     # a hang seen in half the runs must be ruled out with 75 % confidence: two clean runs per good step
     p = vdiag(["bisect", str(scenario_file(tmp_path)), "--repo", str(flaky_repo.path), "--good",
-               flaky_repo.commits[0], "--bad", "main", "--min-rate", "0.5", "--confidence", "0.75",
+               flaky_repo.commits[0], "--bad", "main", "--search", "rule", "--min-rate", "0.5", "--confidence", "0.75",
                "--reports", str(reports), "--gpu-state", "none"], tmp_path, env={"TOY_FLAKY_STATE": str(state)})
     assert p.returncode == 0, p.stdout + p.stderr
     culprit = flaky_repo.commits[2]
@@ -467,7 +467,7 @@ def test_bisect_pip_finds_the_first_bad_version(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     index = ["--no-index", "--find-links", str(dist), "--cache-dir", str(cache)]
     p = vdiag(["bisect", str(sc), "--pip", "vdiag-toyfi", "--good", "0.6.8.post1", "--bad", "0.6.11.post2",
-               *index, "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"], tmp_path)
+               *index, "--search", "rule", "--min-rate", "1", "--reports", str(reports), "--gpu-state", "none"], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[0] == "first bad version: vdiag-toyfi 0.6.11"
     data = json.loads((bisect_dir(reports) / "bisect.json").read_text())
