@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from repro.errors import ExitCode, Interrupted, ScenarioError, VdiagError
+from repro.errors import ExitCode, Interrupted, ScenarioError, VdiagError, exit_code_help
 
 if TYPE_CHECKING:
     from repro.repeat import RunRecord
@@ -24,10 +24,9 @@ HELP = """Reproduce and diagnose distributed deadlocks in LLM-serving start-up (
   vdiag report reports/<run>/                          # render a run's report again
 
 \b
-Exit codes: 0 clean, 1 hang or wrong results reproduced, 2 usage or scenario error,
-3 environment error, 4 a worker crashed, 125 bisect step skipped, 130/143/129 stopped by
-Ctrl-C/SIGTERM/SIGHUP (cleaned up, partial report kept).
+Exit codes:
 """
+HELP += exit_code_help() + "\n"
 
 app = typer.Typer(help=HELP, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   rich_markup_mode=None)
