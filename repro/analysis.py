@@ -36,6 +36,7 @@ from repro.records import (
     Verdict,
     WatchdogVerdict,
 )
+from repro.report.format import call_fields, call_ref_text, ranks_text
 from repro.scenario import Scenario
 
 COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
@@ -61,34 +62,8 @@ LIBRARY_SITES = {
 FILE_LOCK_SITE = "a file lock"
 
 
-def _call_text(ev: LaunchEvent | dict[str, Any] | None) -> str:
-    if ev is None:
-        return "?"
-    d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev
-    return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
-
-
-def _call_dict(ev: LaunchEvent) -> dict[str, Any]:
-    return {k: getattr(ev, k) for k in ("phase", "size", "layer", "sub", "call", "token_num", "op", "oneshot")}
-
-
-def _ranks_text(ranks: Sequence[int]) -> str:
-    rs = sorted(ranks)
-    if not rs:
-        return "none"
-    out, start, prev = [], rs[0], rs[0]
-    for r in [*rs[1:], None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if r is not None:
-            start = prev = r
-    return ",".join(out)
-
-
 def _plural(word: str, ranks: Sequence[int]) -> str:
-    return f"{word}{'s' if len(ranks) != 1 else ''} {_ranks_text(ranks)}"
+    return f"{word}{'s' if len(ranks) != 1 else ''} {ranks_text(ranks)}"
 
 
 # ---- launch diff ------------------------------------------------------------------------------------
@@ -110,12 +85,12 @@ def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Diver
                 if len({str(v) for v in norm.values()}) > 1:
                     ev0 = evs[min(evs)]
                     text = (
-                        f"TP group {_ranks_text(group)}: first disagreement at launch #{i} "
-                        f"({_call_text(ev0)}): {fld} "
+                        f"TP group {ranks_text(group)}: first disagreement at launch #{i} "
+                        f"({call_ref_text(ev0)}): {fld} "
                         + ", ".join(f"rank {r}={norm[r]}" for r in sorted(norm))
                     )
                     out.append(Divergence(tp_group=group, index=i, field=fld, values=norm,
-                                          call=_call_dict(ev0), text=text))
+                                          call=call_fields(ev0), text=text))
                     found = True
                     break
             if found:
@@ -126,13 +101,13 @@ def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Diver
                 lo = min(counts, key=lambda r: counts[r])
                 ev = seqs[lo][-1] if seqs[lo] else None
                 text = (
-                    f"TP group {_ranks_text(group)}: launches agree call by call, but the ranks issued "
+                    f"TP group {ranks_text(group)}: launches agree call by call, but the ranks issued "
                     + ", ".join(f"rank {r}: {c}" for r, c in sorted(counts.items()))
-                    + f" launches; rank {lo} stopped at {_call_text(ev)}"
+                    + f" launches; rank {lo} stopped at {call_ref_text(ev)}"
                 )
                 out.append(Divergence(tp_group=group, index=min(counts.values()), field="calls",
                                       values={r: c for r, c in counts.items()},
-                                      call=_call_dict(ev) if ev else {}, text=text))
+                                      call=call_fields(ev) if ev else {}, text=text))
     return out
 
 
@@ -161,13 +136,13 @@ def workspace_aliasing(logs: dict[int, RankLog], tp: int, pp: int) -> list[Alias
     if wrong_group:
         parts.append(
             f"{_plural('rank', wrong_group)} rendezvoused their workspace over "
-            f"{_ranks_text(rdzv[wrong_group[0]])} instead of their TP group"
+            f"{ranks_text(rdzv[wrong_group[0]])} instead of their TP group"
         )
     if shared:
         sample = sorted(shared.items())[:4]
         parts.append(
             "buffers used by more than one TP group: "
-            + "; ".join(f"{p} by ranks {_ranks_text(rs)}" for p, rs in sample)
+            + "; ".join(f"{p} by ranks {ranks_text(rs)}" for p, rs in sample)
         )
     return [Aliasing(ranks=ranks, rendezvous_groups=rdzv, shared_buffers=shared, text="; ".join(parts))]
 
@@ -345,7 +320,7 @@ def corruption_findings(logs: dict[int, RankLog]) -> list[CorruptionFinding]:
         mix = ", ".join(f"{k.replace('_', ' ')} x{n}" for k, n in kinds.most_common())
         out.append(CorruptionFinding(
             rank=r, wrong_calls=len(wrong), total_calls=len(lg.results),
-            first=_call_dict(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
+            first=call_fields(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
             if ev else {"seq": first.seq},
             kind=kind,
             detail=first.detail + (f" (all wrong calls: {mix})" if len(kinds) > 1 else ""),
@@ -588,15 +563,15 @@ def rank_wheres(
             site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag
                     else known_wait(stacks.get(r)))
         out.append(RankWhere(rank=r, state=state, kernel=name, geometry=geo, kernel_source=src, site=site,
-                             call=_call_dict(ev) if ev is not None else {}))
+                             call=call_fields(ev) if ev is not None else {}))
     return out
 
 
 def _calls_text(calls: list[dict[str, Any]]) -> str:
     if not calls:
         return "no pending call"
-    if len({_call_text(c) for c in calls}) == 1:
-        return _call_text(calls[0])
+    if len({call_ref_text(c) for c in calls}) == 1:
+        return call_ref_text(calls[0])
     idx = sorted(int(c["call"]) for c in calls if c.get("call") is not None)
     where = sorted({f"{c.get('phase')} {c.get('size')}" for c in calls})
     return f"calls {', '.join(map(str, idx))} ({'; '.join(where)})"
@@ -724,11 +699,11 @@ def make_verdict(
             call = first.first
             return Verdict(
                 cls="corruption",
-                headline=f"corruption: the run finished, but ranks {_ranks_text(wrong_ranks)} got wrong results",
+                headline=f"corruption: the run finished, but ranks {ranks_text(wrong_ranks)} got wrong results",
                 paragraph=(
                     f"No rank hung, but {sum(c.wrong_calls for c in corr)} calls returned wrong data on ranks "
-                    f"{_ranks_text(wrong_ranks)}. The first wrong call was on {label(first.rank, tp, pp)} at "
-                    f"{_call_text(call)}: {first.kind.replace('_', ' ')} ({first.detail}).{cause}"
+                    f"{ranks_text(wrong_ranks)}. The first wrong call was on {label(first.rank, tp, pp)} at "
+                    f"{call_ref_text(call)}: {first.kind.replace('_', ' ')} ({first.detail}).{cause}"
                 ),
                 call=call, top_hypothesis=top.key if top else "",
             )
@@ -751,7 +726,7 @@ def make_verdict(
     ev = pend.get(focus)
     kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
     wheres = rank_wheres(logs, wd, stacks, gpu, tp, pattern, fp32_acc)
-    call_txt = _call_text(ev) if ev else "no pending call"
+    call_txt = call_ref_text(ev) if ev else "no pending call"
     key_ev = f" Key evidence: {_evidence_clip(top.evidence_for[0], 200)}" if top and top.evidence_for else ""
     stalled = f" No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
     strag = _straggler_text(wd, tp, pp)
@@ -769,13 +744,13 @@ def make_verdict(
             + "." + strag + stalled + cause + key_ev
         )
         return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
-                       call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                       call=call_fields(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
     elif wd.cls == "all-spinning":
-        headline = f"all-spinning: ranks {_ranks_text(spinning)} busy, none progressing"
+        headline = f"all-spinning: ranks {ranks_text(spinning)} busy, none progressing"
     elif wd.cls == "timeout":
         headline = "timeout: the run did not finish within max_run_s"
     else:
-        headline = f"spin-deadlock: {_ranks_text(spinning)} spinning, {_ranks_text(idle)} idle"
+        headline = f"spin-deadlock: {ranks_text(spinning)} spinning, {ranks_text(idle)} idle"
     if wd.stragglers:
         headline += f" (straggler: {_plural('rank', [st.rank for st in wd.stragglers])})"
     lead = "; ".join(_spin_groups(wheres, tp, pp)) or "no rank spins"
@@ -786,7 +761,7 @@ def make_verdict(
                  f"({corr[0].kind.replace('_', ' ')}).")
     para += cause + key_ev
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=spinning, idle=idle, kernel=kernel,
-                   call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                   call=call_fields(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
 
 
 def analyze(

@@ -33,6 +33,7 @@ from repro.records import (
     StackSample,
     WatchdogVerdict,
 )
+from repro.report.format import ranks_text
 from repro.rundir import RunDir
 from repro.scenario import Scenario
 
@@ -79,10 +80,7 @@ def make_node_info(nnodes: int, node_rank: int, endpoint: str | None, rdzv_id: s
                     host=socket.gethostname(), ranks=sorted(ranks), started_t=started_t, scenario=scenario)
 
 
-def ranks_text(ranks: list[int]) -> str:
-    from repro.analysis import _ranks_text
 
-    return _ranks_text(ranks)
 
 
 def node_note(info: NodeInfo) -> str:

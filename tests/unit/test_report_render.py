@@ -43,7 +43,7 @@ from repro.report import (
     render_terminal,
     schema,
 )
-from repro.report.markdown import MARKDOWN_LIMIT, format_ranks
+from repro.report.markdown import MARKDOWN_LIMIT, table_ranks
 
 KERNEL = "allreduce_fusion_kernel_oneshot_lamport<AllReduceFusionPattern::kARResidualRMSNorm, __nv_bfloat16, 2, true>"
 HEADLINE = "Rank 0 spins in the fused all-reduce; its TP peer rank 1 finished with a wrong result."
@@ -590,9 +590,9 @@ def test_markdown_of_clean_run_says_so_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_format_ranks_lists_short_runs_and_collapses_long_ones() -> None:
-    assert format_ranks([3, 1, 2]) == "1,2,3"
-    assert format_ranks([0, *range(4, 64)]) == "0,4-63"
-    assert format_ranks([]) == ""
+    assert table_ranks([3, 1, 2]) == "1,2,3"
+    assert table_ranks([0, *range(4, 64)]) == "0,4-63"
+    assert table_ranks([]) == ""
 
 
 # ---- report.json ---------------------------------------------------------------------------------------
