@@ -34,6 +34,7 @@ from repro.records import (
     StackCluster,
     StackSample,
     Verdict,
+    WaitSite,
     WatchdogVerdict,
 )
 from repro.report.format import call_fields, call_ref_text, ranks_text
@@ -41,25 +42,37 @@ from repro.scenario import Scenario
 
 COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
 
-# Where the sim's spin-waits live, and what they model in the kernel.
+# Where the sim's spin-waits live (by function name), and what they model in the kernel.
 SPIN_SITES = {
-    "_oneshot": "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
-    "_barrier_sync": "the two-shot Barrier::sync (waits for its peers' barrier flags)",
-    "_update": "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
+    "_oneshot": WaitSite.LAMPORT_POLL,
+    "_barrier_sync": WaitSite.TWOSHOT_BARRIER,
+    "_update": WaitSite.CTA_COUNTER,
 }
 # Host-side waits in torch.distributed and the CUDA runtime, by function name.
 HOST_SITES = {
-    "all_reduce": "a host-side all_reduce (the unfused path) waiting for its TP peers",
-    "barrier": "the end-of-start-up barrier, waiting for the other ranks",
-    "all_gather_object": "the workspace rendezvous (all_gather over the workspace group)",
-    "cudaDeviceSynchronize": "cudaDeviceSynchronize, waiting for its GPU",
+    "all_reduce": WaitSite.HOST_ALL_REDUCE,
+    "barrier": WaitSite.HOST_BARRIER,
+    "all_gather_object": WaitSite.RENDEZVOUS,
+    "cudaDeviceSynchronize": WaitSite.DEVICE_SYNC,
 }
 # Waits inside a library, matched on the module the frame is in (never on a function of vdiag's own).
 LIBRARY_SITES = {
-    "filelock/": "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
-    "subprocess.py": "a child process it started, inside subprocess ({frames})",
+    "filelock/": WaitSite.FILE_LOCK,
+    "subprocess.py": WaitSite.CHILD_PROCESS,
 }
-FILE_LOCK_SITE = "a file lock"
+# What each wait site is, in the report's words ({frames}: the library's innermost frames).
+SITE_TEXT = {
+    WaitSite.LAMPORT_POLL: "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
+    WaitSite.TWOSHOT_BARRIER: "the two-shot Barrier::sync (waits for its peers' barrier flags)",
+    WaitSite.CTA_COUNTER: "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
+    WaitSite.TWOSHOT_GPU: "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
+    WaitSite.HOST_ALL_REDUCE: "a host-side all_reduce (the unfused path) waiting for its TP peers",
+    WaitSite.HOST_BARRIER: "the end-of-start-up barrier, waiting for the other ranks",
+    WaitSite.RENDEZVOUS: "the workspace rendezvous (all_gather over the workspace group)",
+    WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize, waiting for its GPU",
+    WaitSite.FILE_LOCK: "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
+    WaitSite.CHILD_PROCESS: "a child process it started, inside subprocess ({frames})",
+}
 
 
 def _plural(word: str, ranks: Sequence[int]) -> str:
@@ -192,51 +205,76 @@ def cluster_stacks(stacks: list[StackSample]) -> list[StackCluster]:
 
 
 GPU_SPIN_SITES = {
-    "oneshot_lamport": SPIN_SITES["_oneshot"],
-    "twoshot_sync": "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
+    "oneshot_lamport": WaitSite.LAMPORT_POLL,
+    "twoshot_sync": WaitSite.TWOSHOT_GPU,
 }
 
 
-def gpu_waiting(g: GpuState | None) -> str:
-    """What a hung kernel on the GPU is waiting in, from cuda-gdb's view of it."""
+def gpu_wait_site(g: GpuState | None) -> WaitSite | None:
+    """Which known wait a hung kernel on the GPU is in, from cuda-gdb's view of it (its kernel's name)."""
     if g is None:
-        return ""
+        return None
     for k in g.kernels:
-        for key, text in GPU_SPIN_SITES.items():
+        for key, site in GPU_SPIN_SITES.items():
             if key in k.name:
-                return text
-    return ""
+                return site
+    return None
 
 
-def _library_site(stack: StackSample) -> str:
+def gpu_waiting(g: GpuState | None) -> str:
+    """What a hung kernel on the GPU is waiting in, in the report's words ("" when none is known)."""
+    site = gpu_wait_site(g)
+    return SITE_TEXT[site] if site else ""
+
+
+def _library_site(stack: StackSample) -> tuple[WaitSite, str] | None:
     th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
     if th is None and stack.threads:
         th = stack.threads[0]
     frames = [f for f in (th.frames if th else []) if not f.native]
     for i, f in enumerate(frames):
-        for module, text in LIBRARY_SITES.items():
+        for module, site in LIBRARY_SITES.items():
             if module in f.file.replace("\\", "/"):
                 inner = [g.function for g in frames[i:] if module in g.file.replace("\\", "/")][:3]
-                return text.format(frames=" <- ".join(inner))
-    return ""
+                return site, " <- ".join(inner)
+    return None
 
 
-def where_waiting(stack: StackSample | None) -> str:
+def stack_wait(stack: StackSample | None) -> tuple[WaitSite, str] | None:
+    """Which known wait a rank's stack is in, and the library frames that show it (py-spy's stack)."""
     if stack is None:
-        return ""
+        return None
     funcs = _python_functions(stack)
     for f in funcs:
         short = f.rsplit(".", 1)[-1]
         if short in SPIN_SITES:
-            return SPIN_SITES[short]
+            return SPIN_SITES[short], ""
     lib = _library_site(stack)
     if lib:
         return lib
     for f in funcs:
-        for key, text in HOST_SITES.items():
+        for key, site in HOST_SITES.items():
             if key in f.rsplit(".", 1)[-1]:
-                return text
-    return ""
+                return site, ""
+    return None
+
+
+def stack_wait_site(stack: StackSample | None) -> WaitSite | None:
+    found = stack_wait(stack)
+    return found[0] if found else None
+
+
+def where_waiting(stack: StackSample | None) -> str:
+    """What a rank's stack waits in, in the report's words ("" when in no known wait)."""
+    found = stack_wait(stack)
+    if found is None:
+        return ""
+    site, frames = found
+    return SITE_TEXT[site].format(frames=frames)
+
+
+def _lamport_spin(stack: StackSample | None, gpu: GpuState | None) -> bool:
+    return WaitSite.LAMPORT_POLL in (stack_wait_site(stack), gpu_wait_site(gpu))
 
 
 def _lock_text(x: FileLockHold) -> str:
@@ -322,7 +360,7 @@ def corruption_findings(logs: dict[int, RankLog]) -> list[CorruptionFinding]:
             rank=r, wrong_calls=len(wrong), total_calls=len(lg.results),
             first=call_fields(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
             if ev else {"seq": first.seq},
-            kind=kind,
+            kind=kind, kinds=dict(kinds),
             detail=first.detail + (f" (all wrong calls: {mix})" if len(kinds) > 1 else ""),
         ))
     return out
@@ -392,7 +430,7 @@ def weigh(
     for a in alias:
         d3["score"] += 3
         d3["for"].append(a.text)
-    foreign = [c for c in corr if c.kind == "foreign_group" or "foreign group x" in c.detail]
+    foreign = [c for c in corr if "foreign_group" in c.kinds or c.kind == "foreign_group"]
     if foreign:
         d3["score"] += 2
         d3["for"].append(
@@ -405,7 +443,7 @@ def weigh(
               if lg.workspace is not None and r in lg.workspace.tp_group
               and len(lg.workspace.peers) > lg.workspace.tp_group.index(r)}
     shared_poll = sorted(r for r in spinning if polled.get(r) in shared_bufs
-                         and ("Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))))
+                         and _lamport_spin(stacks.get(r), gpu.get(r)))
     if alias and shared_poll:
         d3["score"] += 1
         d3["for"].append(
@@ -431,13 +469,13 @@ def weigh(
 
     # 5. Lamport flag out of step
     d5 = h("flag-out-of-step", "Lamport flag out of step (a different number of earlier one-shot calls on one rank)")
-    stale = [c for c in corr if c.kind == "stale" or "stale x" in c.detail]
+    stale = [c for c in corr if "stale" in c.kinds or c.kind == "stale"]
     if stale:
         d5["score"] += 2
         d5["for"].append(f"{_plural('rank', [c.rank for c in stale])} received data from another call ({stale[0].detail})")
     clean_layout = not tok and not osd and not geo and not alias and not failed
     lamport_spin = [r for r in spinning
-                    if "Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))]
+                    if _lamport_spin(stacks.get(r), gpu.get(r))]
     stragglers = [st.rank for st in wd.stragglers]
     if hang and clean_layout and fused_calls and lamport_spin and stragglers:
         # The exclusion argument needs every rank accounted for; a straggler explains the wait by itself.
@@ -466,7 +504,7 @@ def weigh(
                 d6["for"].append(f"rank {r}: {s}")
     d7 = h("jit-lock", "Start-up lock: a file lock (FlashInfer's JIT build lock) held by a process that never releases it")
     lock_sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
-    lock_waiters = sorted(r for r, w in lock_sites.items() if w.startswith(FILE_LOCK_SITE))
+    lock_waiters = sorted(r for r in wd.idle_ranks if stack_wait_site(stacks.get(r)) is WaitSite.FILE_LOCK)
     held = [x for x in locks if x.holder_rank is not None]
     if hang and (lock_waiters or held):
         for x in held:

@@ -7,6 +7,7 @@ can be published (``vdiag report --schema``). Bump REPORT_SCHEMA_VERSION on any 
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -284,6 +285,31 @@ class EnvInfo(_Rec):
     command_line: str = ""
 
 
+class WaitSite(str, enum.Enum):
+    """A known place a hung rank waits in (from its stack or its GPU state); `label` is its short name.
+
+    The analysis holds each site's description; tables (gpu/validate.py) show the label."""
+
+    label: str
+
+    def __new__(cls, value: str, label: str) -> WaitSite:
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.label = label
+        return obj
+
+    LAMPORT_POLL = "lamport-poll", "Lamport poll"
+    TWOSHOT_BARRIER = "twoshot-barrier", "two-shot barrier"
+    CTA_COUNTER = "cta-counter", "CTA counter"
+    TWOSHOT_GPU = "twoshot-gpu", "two-shot barrier/counter"  # cuda-gdb cannot tell the two apart
+    FILE_LOCK = "file-lock", "file lock"
+    CHILD_PROCESS = "child-process", "child process"
+    HOST_ALL_REDUCE = "host-all-reduce", "host all_reduce"
+    HOST_BARRIER = "host-barrier", "host barrier"
+    RENDEZVOUS = "rendezvous", "host rendezvous"
+    DEVICE_SYNC = "device-sync", "cudaDeviceSynchronize"
+
+
 # ---- findings ----------------------------------------------------------------------------------------
 
 
@@ -316,6 +342,7 @@ class CorruptionFinding(_Rec):
     total_calls: int
     first: dict[str, Any]
     kind: str
+    kinds: dict[str, int] = {}  # every wrong call's kind, counted (the first call's kind is `kind`)
     detail: str = ""
 
 
