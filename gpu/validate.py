@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from repro.launchlog import per_call_timings  # noqa: E402
+from repro.events import per_call_timings  # noqa: E402
 
 SC = ROOT / "scenarios"
 

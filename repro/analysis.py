@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from repro.launch_math import kernel_name
+from repro.kernel_launch import kernel_name
 from repro.layout import label, tp_groups
 from repro.records import (
     Aliasing,

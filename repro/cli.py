@@ -52,8 +52,8 @@ def run(
     repeat: int = typer.Option(1, "--repeat", min=1, help="run N times; report the hang rate with a 95% interval"),
 ) -> None:
     """Replay a scenario's start-up under torchrun, watch it, and report."""
-    from repro.launch import resolve_node
     from repro.run import RunOptions, run_scenario
+    from repro.torchrun import resolve_node
 
     if gpu_state not in ("auto", "attach", "coredump", "none"):
         raise ScenarioError(f"--gpu-state {gpu_state!r}: allowed values are auto, attach, coredump, none")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from repro import __version__
 from repro.analysis import analyze
-from repro.launchlog import read_rank_log
+from repro.events import read_rank_log
 from repro.layout import place
 from repro.observe.verdict import innermost, observed_verdict, wait_text
 from repro.records import (
@@ -103,7 +103,7 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
                         how="inferred", source="repro.observe.monitor"))
     if any(lg.launches for lg in logs.values()):
         out.append(Fact(text="launch configurations in the launch logs are computed from FlashInfer's launcher "
-                             "arithmetic for the calls vLLM made", how="computed", source="repro.launch_math"))
+                             "arithmetic for the calls vLLM made", how="computed", source="repro.kernel_launch"))
     return out
 
 

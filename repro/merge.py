@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from repro.errors import ScenarioError
-from repro.launchlog import read_rank_log
+from repro.events import read_rank_log
 from repro.records import (
     CollectorRun,
     EnvInfo,

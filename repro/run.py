@@ -20,8 +20,7 @@ from rich.console import Console
 from repro import __version__
 from repro.analysis import analyze, fault_outcomes
 from repro.errors import EnvironmentProblem, ExitCode, Interrupted, ScenarioError
-from repro.launch import Launch, NodeSpec, sweep_shm
-from repro.launchlog import read_rank_log
+from repro.events import read_rank_log
 from repro.layout import place
 from repro.live import LiveView
 from repro.merge import NodeInfo
@@ -38,6 +37,7 @@ from repro.records import (
 from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Scenario, dump_resolved, fault_warnings, load_scenario
+from repro.torchrun import Launch, NodeSpec, sweep_shm
 from repro.watchdog import Watchdog
 
 HANG_CLASSES = ("spin-deadlock", "all-spinning", "host-wait", "timeout")
@@ -281,8 +281,8 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     console = console or Console(stderr=True)
     sc = load_scenario(path, opts.overrides)
     sc, notes = resolve_backend(sc)
-    if sc.engine == "vllm":  # real vLLM in every worker (repro/engine_vllm.py, docs/vllm-engine.md)
-        from repro import engine_vllm
+    if sc.engine == "vllm":  # real vLLM in every worker (repro/engines/vllm/runner.py, docs/vllm-engine.md)
+        from repro.engines.vllm import runner as engine_vllm
 
         sc, vllm_notes = engine_vllm.prepare(sc, gpu_count(), opts.node.nnodes)
         notes.extend(vllm_notes)
@@ -381,7 +381,7 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         notes.extend(cupti_notes)
         notes.extend(gpu_state_notes(gpu, runs))
         if sc.engine == "vllm":  # vLLM's version, commit and resolved config, from the workers
-            from repro import engine_vllm
+            from repro.engines.vllm import runner as engine_vllm
 
             vllm_notes, vllm_versions = engine_vllm.report_facts(run_dir.root)
             notes.extend(vllm_notes)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from repro.analysis import where_waiting
 from repro.collectors.stacks import collect_stacks
-from repro.launchlog import LogTail
+from repro.events import LogTail
 from repro.observe.job import Job
 from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, Tracked

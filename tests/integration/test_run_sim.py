@@ -141,7 +141,7 @@ def test_missing_peer_spins_one_rank_and_idles_the_other(missing_peer: VdiagRun)
 
 def test_every_call_but_the_hung_one_has_its_checked_result(missing_peer: VdiagRun, token_divergence: VdiagRun) -> None:
     """A rank that hangs has a checked result, with the call's own duration, for every call it finished."""
-    from repro.launchlog import read_rank_log
+    from repro.events import read_rank_log
 
     for run in (missing_peer, token_divergence):
         for log in sorted((run.run_dir / "launch").glob("rank*.jsonl")):

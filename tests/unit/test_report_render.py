@@ -92,8 +92,8 @@ def _spinning_stack(rank: int) -> StackSample:
                         line=985,
                     ),
                     Frame(function="fused_add_rms_norm", file="/work/main/repro/backends/sim.py", line=212),
-                    Frame(function="capture", file="/work/main/repro/replay.py", line=141),
-                    Frame(function="main", file="/work/main/repro/worker.py", line=40),
+                    Frame(function="capture", file="/work/main/repro/engines/replay/replay.py", line=141),
+                    Frame(function="main", file="/work/main/repro/engines/worker.py", line=40),
                 ],
             )
         ],
@@ -112,14 +112,14 @@ def _idle_stack(rank: int) -> StackSample:
                 active=False,
                 frames=[
                     Frame(function="Event.wait", file="/usr/lib/python3.11/threading.py", line=607),
-                    Frame(function="wait_for_peers", file="/work/main/repro/replay.py", line=188),
-                    Frame(function="main", file="/work/main/repro/worker.py", line=40),
+                    Frame(function="wait_for_peers", file="/work/main/repro/engines/replay/replay.py", line=188),
+                    Frame(function="main", file="/work/main/repro/engines/worker.py", line=40),
                 ],
             ),
             ThreadStack(
                 thread="0x7F3A1A000640",
                 name="heartbeat",
-                frames=[Frame(function="sleep", file="/work/main/repro/worker.py", line=22)],
+                frames=[Frame(function="sleep", file="/work/main/repro/engines/worker.py", line=22)],
             ),
         ],
     )

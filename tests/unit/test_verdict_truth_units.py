@@ -101,14 +101,14 @@ def _stack(*funcs: tuple[str, str, int]) -> StackSample:
 
 def test_known_waits_and_a_host_straggler_are_told_apart() -> None:
     in_collective = _stack(("all_reduce", "/t/torch/distributed/distributed_c10d.py", 2800),
-                           ("one_call", "/w/repro/replay.py", 240))
+                           ("one_call", "/w/repro/engines/replay/replay.py", 240))
     in_event = _stack(("wait", "/usr/lib/python3.11/threading.py", 331), ("main", "/w/x.py", 3))
-    on_host = _stack(("run_rank.<locals>.one_call", "/w/repro/replay.py", 212),
-                     ("run_rank.<locals>.forward", "/w/repro/replay.py", 290), ("run_rank", "/w/repro/replay.py", 300))
+    on_host = _stack(("run_rank.<locals>.one_call", "/w/repro/engines/replay/replay.py", 212),
+                     ("run_rank.<locals>.forward", "/w/repro/engines/replay/replay.py", 290), ("run_rank", "/w/repro/engines/replay/replay.py", 300))
     assert "all_reduce" in known_wait(in_collective)
     assert known_wait(in_event).startswith("wait (")
     assert known_wait(on_host) == ""
-    assert host_frames(on_host) == "one_call (repro/replay.py:212) <- forward <- run_rank"
+    assert host_frames(on_host) == "one_call (replay/replay.py:212) <- forward <- run_rank"
 
 
 def test_the_cause_sentence_keeps_an_acronyms_capitals() -> None:

@@ -7,7 +7,7 @@ What is wrapped (see docs/vllm-engine.md for the versions checked):
 - FlashInfer's fused all-reduce entry points: `trtllm_allreduce_fusion` (the call vLLM up to 0.16 makes)
   and the unified `allreduce_fusion` (vLLM 0.17 and newer). Each call writes a `launch` record before it
   goes through (token count, hidden size, dtype, one-shot or two-shot, pattern, and the launch
-  configuration that FlashInfer's launcher arithmetic gives on this device, `repro.launch_math`) and a
+  configuration that FlashInfer's launcher arithmetic gives on this device, `repro.kernel_launch`) and a
   `result` record when it returns.
 - Workspace creation: `trtllm_create_ipc_workspace_for_all_reduce_fusion` and the unified
   `create_allreduce_fusion_workspace`. Each writes a `workspace` record: the ranks of the group the
@@ -38,8 +38,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from repro.launch_math import launch_config
-from repro.launchlog import LaunchLogWriter
+from repro.events import LaunchLogWriter
+from repro.kernel_launch import launch_config
 from repro.layout import place
 from repro.scenario import FLASHINFER_ONESHOT_HEURISTIC_MB, MIB
 
@@ -47,7 +47,7 @@ from repro.scenario import FLASHINFER_ONESHOT_HEURISTIC_MB, MIB
 FUSED_CALLS = ("trtllm_allreduce_fusion", "allreduce_fusion")
 WORKSPACE_CALLS = ("trtllm_create_ipc_workspace_for_all_reduce_fusion", "create_allreduce_fusion_workspace")
 
-# AllReduceFusionPattern (flashinfer/comm/trtllm_ar.py) -> repro.launch_math pattern names.
+# AllReduceFusionPattern (flashinfer/comm/trtllm_ar.py) -> repro.kernel_launch pattern names.
 PATTERNS = {
     0: "allreduce",
     1: "residual_rmsnorm",

@@ -1,8 +1,8 @@
 """`engine: vllm`: each torchrun worker starts real vLLM (`LLM(...)`) for the scenario, with vdiag's
 instrumentation installed before vLLM imports FlashInfer.
 
-The worker writes the same launch log as the replay: `hello` (written by `repro.replay.run_rank` before it
-hands over), then `phase` records from vLLM's own start-up (load, profile, warmup, capture i/N), a
+The worker writes the same launch log as the replay: `hello` (written by the worker entry,
+`repro.engines.worker`, before it hands over), then `phase` records from vLLM's own start-up (load, profile, warmup, capture i/N), a
 `workspace` record when FlashInfer's workspace is created, `launch`/`result` around every fused
 all-reduce call, and `done` once `LLM(...)` has returned on every rank. It also writes
 `vllm/rank<N>.json` into the run folder: vLLM's version and commit, what the instrumentation wrapped, the
@@ -26,12 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from repro import instrument
-from repro.errors import EnvironmentProblem
-from repro.launchlog import LaunchLogWriter
-from repro.layout import place
-from repro.scenario import Scenario
-from repro.vllm_args import (
+from repro.engines.vllm import instrument
+from repro.engines.vllm.args import (
     VllmApi,
     VllmPlan,
     build_plan,
@@ -40,6 +36,10 @@ from repro.vllm_args import (
     plan_summary,
     write_model_dir,
 )
+from repro.errors import EnvironmentProblem
+from repro.events import LaunchLogWriter
+from repro.layout import place
+from repro.scenario import Scenario
 
 DEFAULT_STALL_S = 300.0  # vLLM's own proposed watchdog (RFC #56816) waits 300 s without a heartbeat
 DEFAULT_MAX_RUN_S = 3600.0
@@ -239,7 +239,7 @@ def _device_facts(sc: Scenario) -> instrument.DeviceFacts:
 
 
 def run_rank_vllm(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter) -> int:
-    """One torchrun rank of an `engine: vllm` run (called by `repro.replay.run_rank` after `hello`)."""
+    """One torchrun rank of an `engine: vllm` run (called by `repro.engines.worker` after `hello`)."""
     facts: dict[str, Any] = {"rank": rank}
     try:
         api = detect_api()

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -25,66 +23,16 @@ from typing import Any
 
 from repro import checking
 from repro.backends.base import Backend, CallSpec, WorkspaceInfo
+from repro.backends.gpu_reference import DeviceChoice
 from repro.checking import Outputs
-from repro.launch_math import launch_config
-from repro.launchlog import LaunchLogWriter
+from repro.engines.replay.faults import FaultBook
+from repro.events import LaunchLogWriter
+from repro.kernel_launch import launch_config
 from repro.layout import place, tp_groups
-from repro.scenario import WORKSPACE_MAX_TOKENS, Fault, Scenario, apply_overrides, choose_oneshot
+from repro.scenario import WORKSPACE_MAX_TOKENS, Scenario, choose_oneshot
 
 # Cap on the workspace rows (the sim keeps them in /dev/shm); the scenario refuses larger fused calls up front.
 SIM_MAX_TOKENS = WORKSPACE_MAX_TOKENS
-
-
-class FaultBook:
-    """Matches injected faults against calls; a `once` fault fires on its first matching call only.
-
-    Every firing is written to the launch log (a `fault` record naming the fault by its index in the
-    scenario's `faults:` list), so the report can say which injected faults fired and which never did."""
-
-    def __init__(self, faults: list[Fault], rank: int, log: LaunchLogWriter | None = None) -> None:
-        self.mine = [f for f in faults if rank in f.ranks]
-        self.index = [i for i, f in enumerate(faults) if rank in f.ranks]  # each mine's place in `faults:`
-        self.fired: set[int] = set()
-        self.log = log
-
-    def _record(self, i: int, **where: Any) -> None:
-        if self.log is not None:
-            self.log.emit("fault", index=self.index[i], kind=self.mine[i].kind, **where)
-
-    def hits(self, kind: str, phase: str, size: int, layer: int, sub: int, call: int) -> list[Fault]:
-        out = []
-        for i, f in enumerate(self.mine):
-            if f.kind != kind or (f.once and i in self.fired):
-                continue
-            if f.at.matches(phase, size, layer, sub, call):
-                self.fired.add(i)
-                self._record(i, phase=phase, size=size, layer=layer, sub=sub, call=call)
-                out.append(f)
-        return out
-
-    def fire(self, kind: str) -> bool:
-        """A fault that acts once at workspace creation (workspace_fail, jit_lock): record it, say if any."""
-        mine = [i for i, f in enumerate(self.mine) if f.kind == kind]
-        for i in mine:
-            self.fired.add(i)
-            self._record(i, phase="workspace")
-        return bool(mine)
-
-    def workspace_fails(self) -> bool:
-        return self.fire("workspace_fail")
-
-
-def _apply_hook(sc: Scenario, rank: int) -> Scenario:
-    """Run the scenario's hook (`module:function`), which returns dotted overrides for this rank."""
-    if not sc.hook:
-        return sc
-    mod_name, _, fn_name = sc.hook.partition(":")
-    fn = getattr(importlib.import_module(mod_name), fn_name or "configure")
-    overrides = fn(scenario=sc.model_dump(mode="json"), rank=rank) or {}
-    if not overrides:
-        return sc
-    data = apply_overrides(sc.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    return Scenario.model_validate(data)
 
 
 def _make_backend(
@@ -115,33 +63,15 @@ def _make_backend(
     raise ValueError(f"backend {sc.backend!r} cannot run in a worker")
 
 
-def run_rank(run_dir: Path, rank: int) -> int:
+def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: DeviceChoice) -> int:
+    """The replay on one rank, after the worker entry (repro.engines.worker) wrote `hello` and ran the hook."""
     import torch.distributed as dist
 
-    sc = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
-    log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
     tp, pp = sc.parallel.tp, sc.parallel.pp
     me = place(rank, tp, pp)
     from repro import cupti_trace
-    from repro.backends.gpu_reference import host_backend, select_device
+    from repro.backends.gpu_reference import host_backend
 
-    gpu = select_device(sc.backend, rank)  # GPU backends: this rank's GPU (local rank modulo GPUs), made current
-    log.emit(
-        "hello", pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
-        backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", gpu.device),
-        device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else gpu.nvml_index,
-        gpu_name=gpu.name, shared_gpu=gpu.shared,
-    )
-    try:
-        sc = _apply_hook(sc, rank)
-    except Exception as e:  # the code under test failed to import or run: a crash unrelated to the hang
-        log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
-        traceback.print_exc()
-        return 3
-    if sc.engine == "vllm":  # real vLLM starts here instead of the replay; it sets up torch.distributed itself
-        from repro.engine_vllm import run_rank_vllm
-
-        return run_rank_vllm(run_dir, rank, sc, log)
     pg_backend = host_backend(gpu)  # gloo, or cpu:gloo,cuda:nccl where each rank has its own GPU
     dist.init_process_group(pg_backend, timeout=datetime.timedelta(hours=2))
     groups = {}
@@ -167,8 +97,8 @@ def run_rank(run_dir: Path, rank: int) -> int:
     if fused_wanted:
         if faults.fire("jit_lock"):
             # This rank's JIT cache is cold and the module's source sits on a mount that never answers:
-            # the real build (repro/jit_build.py) then never finishes, and its lock is never released.
-            from repro import jit_build
+            # the real build (repro/engines/replay/jit_build.py) then never finishes, and its lock is never released.
+            from repro.engines.replay import jit_build
 
             cache = jit_build.cache_dir(run_dir)
             jit_build.dead_source(cache)
