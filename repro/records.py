@@ -8,26 +8,39 @@ can be published (``vdiag report --schema``). Bump REPORT_SCHEMA_VERSION on any 
 from __future__ import annotations
 
 import enum
+import os
+import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 REPORT_SCHEMA_VERSION = "1.2"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"; 1.2: Report.faults, Verdict.ranks, WatchdogVerdict.stragglers/patience_s/interrupted_by, RankExit.error_line
 
 
+#: VDIAG_STRICT_RECORDS=1 (the test suite sets it) makes an unknown field in any record an error, so that a
+#: writer cannot drop a field silently; without it readers ignore unknown fields (a newer vdiag's records).
+STRICT_RECORDS = os.environ.get("VDIAG_STRICT_RECORDS") == "1"
+
+
 class _Rec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid" if STRICT_RECORDS else "ignore")
+
+
+class _Event(_Rec):
+    """A line of a rank's launch log: built by the writer (`repro.events.LaunchLogWriter.emit`), parsed back."""
+
+    rank: int
+    t: float = Field(default_factory=time.time)
 
 
 # ---- what the workers write (launch logs) ----------------------------------------------------------
 
 
-class LaunchEvent(_Rec):
+class LaunchEvent(_Event):
     """One fused (or unfused) all-reduce + RMSNorm call, written and flushed before the launch."""
 
-    rank: int
+    ev: Literal["launch"] = "launch"
     seq: int
-    t: float
     call: int
     phase: str
     size: int
@@ -43,15 +56,15 @@ class LaunchEvent(_Rec):
     cluster: tuple[int, int, int] | None = None
     kernel: str | None = None
     ws: str | None = None
+    graph: bool = False  # the captured run (a CUDA graph on GPU backends)
     args: dict[str, Any] = {}
 
 
-class ResultEvent(_Rec):
+class ResultEvent(_Event):
     """The checked outcome of one call (issue: silent corruption)."""
 
-    rank: int
+    ev: Literal["result"] = "result"
     seq: int
-    t: float
     ok: bool
     max_err: float = 0.0
     n_wrong: int = 0
@@ -61,9 +74,8 @@ class ResultEvent(_Rec):
     call_s: float | None = None  # launch to return, the check left out
 
 
-class WorkspaceEvent(_Rec):
-    rank: int
-    t: float
+class WorkspaceEvent(_Event):
+    ev: Literal["workspace"] = "workspace"
     ok: bool
     backend: str
     rendezvous_group: tuple[int, ...]
@@ -72,20 +84,27 @@ class WorkspaceEvent(_Rec):
     peer_owner_ranks: tuple[int, ...] = ()
     fallback: bool = False
     error: str = ""
+    # real vLLM (the instrumentation): which FlashInfer entry created it, and how it rendezvoused
+    entry: str = ""
+    fi_backend: str = ""
+    rendezvous: str = ""
+    tp_size: int | None = None
+    max_token_num: int | None = None
+    hidden_dim: int | None = None
+    peer_ptrs: list[list[str]] = []
 
 
-class PhaseEvent(_Rec):
-    rank: int
-    t: float
+class PhaseEvent(_Event):
+    ev: Literal["phase"] = "phase"
     phase: str
     index: int = 0
     total: int = 0
     size: int | None = None
+    label: str = ""
 
 
-class HelloEvent(_Rec):
-    rank: int
-    t: float
+class HelloEvent(_Event):
+    ev: Literal["hello"] = "hello"
     pid: int
     host: str
     pp_stage: int
@@ -93,21 +112,22 @@ class HelloEvent(_Rec):
     device: str = "cpu"
     device_index: int | None = None
     backend: str = "sim"
+    gpu_name: str = ""
+    shared_gpu: bool = False  # several local ranks on this GPU
+    engine: str = ""  # "vllm" for real vLLM; "" for the replay
 
 
-class DoneEvent(_Rec):
-    rank: int
-    t: float
+class DoneEvent(_Event):
+    ev: Literal["done"] = "done"
     calls: int
     wrong_calls: int
     check_s: float | None = None  # seconds spent checking results, for the checking benchmark
 
 
-class FaultEvent(_Rec):
+class FaultEvent(_Event):
     """An injected fault that fired on this rank (`index` is its place in the scenario's `faults:` list)."""
 
-    rank: int
-    t: float
+    ev: Literal["fault"] = "fault"
     index: int
     kind: str
     phase: str = ""
@@ -115,6 +135,18 @@ class FaultEvent(_Rec):
     layer: int | None = None
     sub: int | None = None
     call: int | None = None
+
+
+class ErrorEvent(_Event):
+    """An exception a worker caught and reported before it exited."""
+
+    ev: Literal["error"] = "error"
+    where: str
+    error: str
+    seq: int | None = None
+
+
+LogEvent = LaunchEvent | ResultEvent | WorkspaceEvent | PhaseEvent | HelloEvent | DoneEvent | FaultEvent | ErrorEvent
 
 
 class RankLog(_Rec):

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from repro.records import ErrorEvent, HelloEvent
+
 if TYPE_CHECKING:  # the rank ties itself to its parent before anything heavier than the stdlib is imported
     from repro.backends.gpu_reference import DeviceChoice
     from repro.events import LaunchLogWriter
@@ -68,16 +70,16 @@ def start_rank(run_dir: Path, rank: int) -> tuple[Scenario, LaunchLogWriter, Dev
     log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
     me = place(rank, sc.parallel.tp, sc.parallel.pp)
     gpu = select_device(sc.backend, rank)  # GPU backends: this rank's GPU (local rank modulo GPUs), made current
-    log.emit(
-        "hello", pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
+    log.emit(HelloEvent(
+        rank=rank, pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
         backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", gpu.device),
         device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else gpu.nvml_index,
         gpu_name=gpu.name, shared_gpu=gpu.shared,
-    )
+    ))
     try:
         sc = _apply_hook(sc, rank)
     except Exception as e:  # the code under test failed to import or run: a crash unrelated to the hang
-        log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
+        log.emit(ErrorEvent(rank=rank, where="hook", error=f"{type(e).__name__}: {e}"))
         traceback.print_exc()
         return 3
     return sc, log, gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from repro.events import LaunchLogWriter
+from repro.records import FaultEvent
 from repro.scenario import Fault
 
 
@@ -22,7 +23,7 @@ class FaultBook:
 
     def _record(self, i: int, **where: Any) -> None:
         if self.log is not None:
-            self.log.emit("fault", index=self.index[i], kind=self.mine[i].kind, **where)
+            self.log.emit(FaultEvent(rank=self.log.rank, index=self.index[i], kind=self.mine[i].kind, **where))
 
     def hits(self, kind: str, phase: str, size: int, layer: int, sub: int, call: int) -> list[Fault]:
         out = []

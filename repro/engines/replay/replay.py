@@ -29,6 +29,7 @@ from repro.engines.replay.faults import FaultBook
 from repro.events import LaunchLogWriter
 from repro.kernel_launch import launch_config
 from repro.layout import place, tp_groups
+from repro.records import DoneEvent, ErrorEvent, LaunchEvent, PhaseEvent, ResultEvent, WorkspaceEvent
 from repro.scenario import WORKSPACE_MAX_TOKENS, Scenario, choose_oneshot
 
 # Cap on the workspace rows (the sim keeps them in /dev/shm); the scenario refuses larger fused calls up front.
@@ -92,7 +93,7 @@ def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: 
                                dtype="fp32" if sc.backend == "sim" else shape.dtype)
 
     # 1. the fused op's workspace
-    log.emit("phase", phase="workspace")
+    log.emit(PhaseEvent(rank=log.rank, phase="workspace"))
     ws = WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=me.tp_group)
     if fused_wanted:
         if faults.fire("jit_lock"):
@@ -108,11 +109,11 @@ def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: 
             # vLLM logs a warning and silently falls back to the unfused path on this rank.
             ws = WorkspaceInfo(False, ws.rendezvous_group, ws.tp_group, ws.peers, ws.peer_owner_ranks,
                                error="injected: workspace creation failed; falling back to the unfused path")
-        log.emit(
-            "workspace", ok=ws.ok, backend=sc.backend, rendezvous_group=list(ws.rendezvous_group),
-            tp_group=list(ws.tp_group), peers=list(ws.peers), peer_owner_ranks=list(ws.peer_owner_ranks),
+        log.emit(WorkspaceEvent(
+            rank=log.rank, ok=ws.ok, backend=sc.backend, rendezvous_group=tuple(ws.rendezvous_group),
+            tp_group=tuple(ws.tp_group), peers=tuple(ws.peers), peer_owner_ranks=tuple(ws.peer_owner_ranks),
             fallback=not ws.ok, error=ws.error,
-        )
+        ))
     use_fused = fused_wanted and ws.ok
     ws_id = ws.ident if ws.ok else None
 
@@ -164,18 +165,18 @@ def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: 
             call_args = getattr(backend, "call_args", None)  # the arguments actually passed to the launcher
             if call_args is not None:
                 record["args"] = call_args(spec)
-            log.emit("launch", **record)
+            log.emit(LaunchEvent(rank=log.rank, **record))
             cupti_trace.set_call(seq, graph)
             t_call = time.perf_counter()
             outs = backend.fused(x, res, gamma, spec)
         else:
-            log.emit("launch", **record)
+            log.emit(LaunchEvent(rank=log.rank, **record))
             cupti_trace.set_call(seq, graph)
             t_call = time.perf_counter()
             outs = backend.unfused(x, res, gamma, shape.rms_eps)
         call_s = round(time.perf_counter() - t_call, 6)
         if not check_on:
-            log.emit("result", seq=seq, ok=True, kind="unchecked", call_s=call_s)
+            log.emit(ResultEvent(rank=log.rank, seq=seq, ok=True, kind="unchecked", call_s=call_s))
             return
         t0 = time.perf_counter()
         res_out, norm_out = outs
@@ -183,11 +184,11 @@ def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: 
         r = checker.check(res_out, norm_out, call, outs.packed if type(outs) is Outputs else None)
         check_s[0] += time.perf_counter() - t0
         if r.ok:  # the record's defaults say the rest (records.ResultEvent)
-            log.emit("result", seq=seq, ok=True, call_s=call_s)
+            log.emit(ResultEvent(rank=log.rank, seq=seq, ok=True, call_s=call_s))
             return
         state["wrong"] += 1
-        log.emit("result", seq=seq, ok=False, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
-                 first_wrong=r.first_wrong, kind=r.kind, detail=r.detail, call_s=call_s)
+        log.emit(ResultEvent(rank=log.rank, seq=seq, ok=False, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
+                             first_wrong=r.first_wrong, kind=r.kind, detail=r.detail, call_s=call_s))
 
     def forward(phase: str, size: int, graph: bool = False) -> None:
         for layer in range(shape.num_layers):
@@ -195,22 +196,22 @@ def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: 
             one_call(phase, size, layer, 1, graph)
 
     try:
-        log.emit("phase", phase="profile", size=sc.capture.max_num_batched_tokens)
+        log.emit(PhaseEvent(rank=log.rank, phase="profile", size=sc.capture.max_num_batched_tokens))
         forward("profile", sc.capture.max_num_batched_tokens)
-        log.emit("phase", phase="warmup", size=capture_sizes[0])
+        log.emit(PhaseEvent(rank=log.rank, phase="warmup", size=capture_sizes[0]))
         forward("warmup", capture_sizes[0])
         for i, size in enumerate(capture_sizes):
-            log.emit("phase", phase="capture", index=i, total=len(capture_sizes), size=size)
+            log.emit(PhaseEvent(rank=log.rank, phase="capture", index=i, total=len(capture_sizes), size=size))
             for _ in range(sc.capture.warmup_steps):
                 forward("capture", size)
             forward("capture", size, graph=True)  # the captured run: a CUDA graph on GPU backends, replayed once
-        log.emit("phase", phase="capture", index=len(capture_sizes), total=len(capture_sizes))
-        log.emit("phase", phase="finish")
+        log.emit(PhaseEvent(rank=log.rank, phase="capture", index=len(capture_sizes), total=len(capture_sizes)))
+        log.emit(PhaseEvent(rank=log.rank, phase="finish"))
         dist.barrier()
-        log.emit("done", calls=state["call"], wrong_calls=state["wrong"],
-                 **({"check_s": round(check_s[0], 4)} if check_on else {}))
+        log.emit(DoneEvent(rank=log.rank, calls=state["call"], wrong_calls=state["wrong"],
+                           check_s=round(check_s[0], 4) if check_on else None))
     except Exception as e:
-        log.emit("error", where="replay", error=f"{type(e).__name__}: {e}")
+        log.emit(ErrorEvent(rank=log.rank, where="replay", error=f"{type(e).__name__}: {e}"))
         traceback.print_exc(file=sys.stderr)
         return 1
     finally:
