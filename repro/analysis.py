@@ -26,6 +26,7 @@ from repro.records import (
     Frame,
     GpuState,
     Hypothesis,
+    HypothesisKey,
     HypothesisStatus,
     LaunchEvent,
     RankExit,
@@ -395,9 +396,9 @@ def weigh(
     hang = wd.is_hang
     spinning = set(wd.busy_ranks)
     fused_calls = any(ev.op == "fused" for lg in logs.values() for ev in lg.launches)
-    H: dict[str, dict[str, Any]] = {}
+    H: dict[HypothesisKey, dict[str, Any]] = {}
 
-    def h(key: str, title: str) -> dict[str, Any]:
+    def h(key: HypothesisKey, title: str) -> dict[str, Any]:
         return H.setdefault(key, {"title": title, "score": 0.0, "for": [], "against": []})
 
     tok = [d for d in divs if d.field == "token_num"]
@@ -531,7 +532,9 @@ def weigh(
                                  "synchronisation, spin)")
 
     if not fused:
-        for key in ("launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step"):
+        fused_keys: tuple[HypothesisKey, ...] = (
+            "launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step")
+        for key in fused_keys:
             H[key]["against"].insert(0, "the fused all-reduce was not used in this run (fusion off or gated)")
 
     best = max(v["score"] for v in H.values())

@@ -379,10 +379,19 @@ class CorruptionFinding(_Rec):
 
 
 HypothesisStatus = Literal["supported", "consistent", "refuted", "no-evidence"]
+#: The hypotheses the analysis weighs (repro.analysis.hypotheses), by key.
+HypothesisKey = Literal[
+    "launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step",
+    "host-collective", "jit-lock", "straggler",
+]
+#: A verdict's class: the watchdog's hang class, or silent corruption found in a run that finished.
+VerdictClass = Literal[
+    "spin-deadlock", "all-spinning", "host-wait", "crash", "slow", "clean", "timeout", "interrupted", "corruption",
+]
 
 
 class Hypothesis(_Rec):
-    key: str
+    key: HypothesisKey
     title: str
     status: HypothesisStatus
     score: float
@@ -403,14 +412,14 @@ class RankWhere(_Rec):
 
 
 class Verdict(_Rec):
-    cls: str
+    cls: VerdictClass
     headline: str
     paragraph: str
     spinning: list[int] = []
     idle: list[int] = []
     kernel: str = ""
     call: dict[str, Any] = {}
-    top_hypothesis: str = ""
+    top_hypothesis: HypothesisKey | Literal[""] = ""
     ranks: list[RankWhere] = []  # every hung rank's own kernel and wait site
 
 

@@ -152,7 +152,7 @@ def _hypotheses() -> list[Hypothesis]:
             evidence_against=["ranks 2 and 3 got their own peer pointers"],
         ),
         Hypothesis(
-            key="token-divergence",
+            key="launch-divergence",
             title="Token-count divergence under one-shot",
             status="supported",
             score=0.92,
@@ -163,7 +163,7 @@ def _hypotheses() -> list[Hypothesis]:
             evidence_against=["both ranks used the same capture size list"],
         ),
         Hypothesis(
-            key="lamport-flag",
+            key="flag-out-of-step",
             title="Lamport flag out of step",
             status="refuted",
             score=0.05,
@@ -254,7 +254,7 @@ def spin_report(tmp_path: Path) -> Report:
             idle=[1, 2, 3],
             kernel=KERNEL,
             call=call,
-            top_hypothesis="token-divergence",
+            top_hypothesis="launch-divergence",
         ),
         grid_checks=["rank 0: grid (128,1,1) matches the launcher arithmetic for T=16 on 132 SMs"],
     )

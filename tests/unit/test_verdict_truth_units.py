@@ -113,7 +113,7 @@ def test_known_waits_and_a_host_straggler_are_told_apart() -> None:
 
 def test_the_cause_sentence_keeps_an_acronyms_capitals() -> None:
     def hyp(title: str) -> Hypothesis:
-        return Hypothesis(key="k", title=title, status="supported", score=3)
+        return Hypothesis(key="workspace-aliasing", title=title, status="supported", score=3)
 
     assert _cause(hyp("TP peers launched different configurations")) == \
         " Most likely cause: TP peers launched different configurations (supported)."
