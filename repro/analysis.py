@@ -19,6 +19,7 @@ from repro.layout import label, tp_groups
 from repro.records import (
     Aliasing,
     Analysis,
+    CallRef,
     CorruptionFinding,
     Divergence,
     FaultOutcome,
@@ -121,7 +122,7 @@ def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Diver
                 )
                 out.append(Divergence(tp_group=group, index=min(counts.values()), field="calls",
                                       values={r: c for r, c in counts.items()},
-                                      call=call_fields(ev) if ev else {}, text=text))
+                                      call=call_fields(ev) if ev else CallRef(), text=text))
     return out
 
 
@@ -359,8 +360,8 @@ def corruption_findings(logs: dict[int, RankLog]) -> list[CorruptionFinding]:
         mix = ", ".join(f"{k.replace('_', ' ')} x{n}" for k, n in kinds.most_common())
         out.append(CorruptionFinding(
             rank=r, wrong_calls=len(wrong), total_calls=len(lg.results),
-            first=call_fields(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
-            if ev else {"seq": first.seq},
+            first=call_fields(ev, max_err=first.max_err, first_wrong_element=first.first_wrong)
+            if ev else CallRef(seq=first.seq),
             kind=kind, kinds=dict(kinds),
             detail=first.detail + (f" (all wrong calls: {mix})" if len(kinds) > 1 else ""),
         ))
@@ -604,17 +605,17 @@ def rank_wheres(
             site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag
                     else known_wait(stacks.get(r)))
         out.append(RankWhere(rank=r, state=state, kernel=name, geometry=geo, kernel_source=src, site=site,
-                             call=call_fields(ev) if ev is not None else {}))
+                             call=call_fields(ev) if ev is not None else CallRef()))
     return out
 
 
-def _calls_text(calls: list[dict[str, Any]]) -> str:
+def _calls_text(calls: list[CallRef]) -> str:
     if not calls:
         return "no pending call"
     if len({call_ref_text(c) for c in calls}) == 1:
         return call_ref_text(calls[0])
-    idx = sorted(int(c["call"]) for c in calls if c.get("call") is not None)
-    where = sorted({f"{c.get('phase')} {c.get('size')}" for c in calls})
+    idx = sorted(c.call for c in calls if c.call is not None)
+    where = sorted({f"{c.phase} {c.size}" for c in calls})
     return f"calls {', '.join(map(str, idx))} ({'; '.join(where)})"
 
 
@@ -785,7 +786,7 @@ def make_verdict(
             + "." + strag + stalled + cause + key_ev
         )
         return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
-                       call=call_fields(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                       call=call_fields(ev) if ev else CallRef(), top_hypothesis=top.key if top else "", ranks=wheres)
     elif wd.cls == "all-spinning":
         headline = f"all-spinning: ranks {ranks_text(spinning)} busy, none progressing"
     elif wd.cls == "timeout":
@@ -802,7 +803,7 @@ def make_verdict(
                  f"({corr[0].kind.replace('_', ' ')}).")
     para += cause + key_ev
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=spinning, idle=idle, kernel=kernel,
-                   call=call_fields(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                   call=call_fields(ev) if ev else CallRef(), top_hypothesis=top.key if top else "", ranks=wheres)
 
 
 def analyze(
@@ -851,11 +852,11 @@ def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[st
     records the replay writes), and the warning when its selector can never match."""
     out = []
     for i, f in enumerate(sc.faults):
-        fired: dict[int, list[dict[str, Any]]] = {}
+        fired: dict[int, list[CallRef]] = {}
         for r in f.ranks:
             lg = logs.get(r)
-            hits = [{k: v for k, v in e.model_dump().items() if k in ("phase", "size", "layer", "sub", "call")
-                     and v is not None} for e in (lg.faults if lg else []) if e.index == i]
+            hits = [CallRef(**{k: v for k, v in e.model_dump().items() if k in ("phase", "size", "layer", "sub", "call")
+                               and v is not None}) for e in (lg.faults if lg else []) if e.index == i]
             if hits:
                 fired[r] = hits
         tag = f"faults[{i}]"

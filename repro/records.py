@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 REPORT_SCHEMA_VERSION = "1.2"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"; 1.2: Report.faults, Verdict.ranks, WatchdogVerdict.stragglers/patience_s/interrupted_by, RankExit.error_line
 
@@ -345,12 +345,42 @@ class WaitSite(str, enum.Enum):
 # ---- findings ----------------------------------------------------------------------------------------
 
 
+class CallRef(_Rec):
+    """The call a finding points at: the launch record's naming fields (`repro.report.format.call_fields`);
+    a wrong result adds its error; `seq` alone when the launch record is missing. Only the fields that were
+    set are written (and read back), so the call's text is the same from the run and from `report.json`."""
+
+    phase: str | None = None
+    size: int | None = None
+    layer: int | None = None
+    sub: int | None = None
+    call: int | None = None
+    token_num: int | None = None
+    op: str | None = None
+    oneshot: bool | None = None
+    max_err: float | None = None
+    first_wrong_element: int | None = None
+    seq: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set}
+
+    def __bool__(self) -> bool:
+        return bool(self.model_fields_set)
+
+    def fields(self) -> dict[str, Any]:
+        """The fields that were set, in order."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
+
+
 class Divergence(_Rec):
     tp_group: tuple[int, ...]
     index: int
     field: str  # token_num | oneshot | grid | block | cluster | calls | op
     values: dict[int, Any]
-    call: dict[str, Any] = {}
+    call: CallRef = CallRef()
     text: str = ""
 
 
@@ -372,7 +402,7 @@ class CorruptionFinding(_Rec):
     rank: int
     wrong_calls: int
     total_calls: int
-    first: dict[str, Any]
+    first: CallRef
     kind: str
     kinds: dict[str, int] = {}  # every wrong call's kind, counted (the first call's kind is `kind`)
     detail: str = ""
@@ -408,7 +438,7 @@ class RankWhere(_Rec):
     geometry: str = ""  # grid, block, cluster
     kernel_source: str = ""  # "computed from the launch record" | "cuda core dump" | "cuda-gdb attach"
     site: str = ""  # what it waits in, from its stack (or its GPU state)
-    call: dict[str, Any] = {}
+    call: CallRef = CallRef()
 
 
 class Verdict(_Rec):
@@ -418,7 +448,7 @@ class Verdict(_Rec):
     spinning: list[int] = []
     idle: list[int] = []
     kernel: str = ""
-    call: dict[str, Any] = {}
+    call: CallRef = CallRef()
     top_hypothesis: HypothesisKey | Literal[""] = ""
     ranks: list[RankWhere] = []  # every hung rank's own kernel and wait site
 
@@ -453,7 +483,7 @@ class FaultOutcome(_Rec):
     kind: str
     ranks: list[int]
     selector: dict[str, Any] = {}
-    fired_on: dict[int, list[dict[str, Any]]] = {}  # rank -> the calls it fired at
+    fired_on: dict[int, list[CallRef]] = {}  # rank -> the calls it fired at
     warning: str = ""  # set when the selector can never match (scenario.fault_warnings)
 
     @property

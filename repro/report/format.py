@@ -7,10 +7,10 @@ four (`TABLE`: "1,2,3", "0,4-63"), and `LIST` never collapses (the observed job'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from repro.records import LaunchEvent
+from repro.records import CallRef, LaunchEvent
 
 PROSE = 2
 TABLE = 4
@@ -50,16 +50,16 @@ def format_dims(dims: tuple[int, int, int] | None) -> str:
 CALL_FIELDS = ("phase", "size", "layer", "sub", "call", "token_num", "op", "oneshot")
 
 
-def call_fields(ev: LaunchEvent) -> dict[str, Any]:
-    """The fields that name a launch (a finding's `call`)."""
-    return {k: getattr(ev, k) for k in CALL_FIELDS}
+def call_fields(ev: LaunchEvent, **more: Any) -> CallRef:
+    """The fields that name a launch (a finding's `call`), and any `more` (a wrong result's error)."""
+    return CallRef(**{k: getattr(ev, k) for k in CALL_FIELDS}, **more)
 
 
-def call_ref_text(ev: LaunchEvent | Mapping[str, Any] | None) -> str:
+def call_ref_text(ev: LaunchEvent | CallRef | None) -> str:
     """A launch as the analysis's sentences name it: "capture size=16 layer=3 sub=1 (call 40)"."""
     if ev is None:
         return "?"
-    d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev
+    d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev.fields()
     return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
 
 
@@ -80,8 +80,9 @@ def pending_call_text(ev: LaunchEvent | None) -> str:
     return " ".join(parts)
 
 
-def call_text(call: Mapping[str, Any]) -> str:
+def call_text(ref: CallRef) -> str:
     """A call described by its fields (Divergence.call, Verdict.call): "phase size=… layer=… sub=…, more=…"."""
+    call = ref.fields()
     if not call:
         return ""
     head = [str(call["phase"])] if "phase" in call else []
