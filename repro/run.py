@@ -1,4 +1,4 @@
-"""`vdiag run`: scenario -> launch -> watchdog -> collectors -> analysis -> report, and the exit code."""
+"""`vdiag run`: scenario -> torchrun -> watchdog -> collectors -> `repro.diagnose` (analysis, report), exit code."""
 
 from __future__ import annotations
 
@@ -226,10 +226,6 @@ def _alive(pid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
-
-
-def read_logs(run_dir: RunDir, world: int) -> dict[int, RankLog]:
-    return {r: read_rank_log(run_dir.launch_log(r), r) for r in range(world)}
 
 
 def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = None) -> RunOutcome:
