@@ -29,6 +29,7 @@ from repro.records import (
     Hypothesis,
     HypothesisKey,
     HypothesisStatus,
+    KernelSource,
     LaunchEvent,
     RankExit,
     RankLog,
@@ -550,7 +551,7 @@ def weigh(
 # ---- the verdict ---------------------------------------------------------------------------------------
 
 
-COMPUTED = "computed from the launch record"
+COMPUTED: KernelSource = "computed from the launch record"
 
 
 def _short_site(site: str) -> str:
@@ -559,7 +560,7 @@ def _short_site(site: str) -> str:
 
 
 def rank_kernel(ev: LaunchEvent | None, g: GpuState | None, tp: int, pattern: str, fp32_acc: bool
-                ) -> tuple[str, str, str]:
+                ) -> tuple[str, str, KernelSource]:
     """(kernel name, geometry, where it comes from) for one rank: its GPU state when there is one (observed),
     else its own pending launch record (computed on the sim)."""
     if g is not None and g.kernels:
@@ -645,7 +646,7 @@ def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
 
 
 def _source_text(src: str) -> str:
-    return src if src.startswith("computed") else f"from the {src}"
+    return src if src == COMPUTED else f"from the {src}"
 
 
 def _idle_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:

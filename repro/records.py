@@ -254,6 +254,12 @@ class StackSample(_Rec):
     warning: str = ""
 
 
+#: Where a hung rank's GPU state came from.
+GpuSource = Literal["cuda-gdb attach", "cuda core dump"]
+#: Where a hung rank's kernel name came from: its GPU state, else computed from (or read off) its launch record.
+KernelSource = Literal["computed from the launch record", "launch record", "cuda-gdb attach", "cuda core dump", ""]
+
+
 class GpuKernel(_Rec):
     name: str
     device: int | None = None
@@ -267,7 +273,7 @@ class GpuKernel(_Rec):
 class GpuState(_Rec):
     rank: int
     pid: int
-    source: str  # "cuda-gdb attach" | "cuda core dump"
+    source: GpuSource
     kernels: list[GpuKernel] = []
     raw_path: str = ""
     seconds: float = 0.0
@@ -436,7 +442,7 @@ class RankWhere(_Rec):
     state: str  # spinning | idle | straggler | finished
     kernel: str = ""  # the kernel's name, no template arguments
     geometry: str = ""  # grid, block, cluster
-    kernel_source: str = ""  # "computed from the launch record" | "cuda core dump" | "cuda-gdb attach"
+    kernel_source: KernelSource = ""
     site: str = ""  # what it waits in, from its stack (or its GPU state)
     call: CallRef = CallRef()
 
