@@ -328,24 +328,29 @@ class WaitSite(str, enum.Enum):
 
     The analysis holds each site's description; tables (gpu/validate.py) show the label."""
 
-    label: str
+    LAMPORT_POLL = "lamport-poll"
+    TWOSHOT_BARRIER = "twoshot-barrier"
+    CTA_COUNTER = "cta-counter"
+    TWOSHOT_GPU = "twoshot-gpu"  # cuda-gdb's view: the two-shot kernel, barrier and counter not told apart
+    FILE_LOCK = "file-lock"
+    CHILD_PROCESS = "child-process"
+    HOST_ALL_REDUCE = "host-all-reduce"
+    HOST_BARRIER = "host-barrier"
+    RENDEZVOUS = "rendezvous"
+    DEVICE_SYNC = "device-sync"
 
-    def __new__(cls, value: str, label: str) -> WaitSite:
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.label = label
-        return obj
+    @property
+    def label(self) -> str:
+        return _WAIT_LABELS[self]
 
-    LAMPORT_POLL = "lamport-poll", "Lamport poll"
-    TWOSHOT_BARRIER = "twoshot-barrier", "two-shot barrier"
-    CTA_COUNTER = "cta-counter", "CTA counter"
-    TWOSHOT_GPU = "twoshot-gpu", "two-shot barrier/counter"  # cuda-gdb cannot tell the two apart
-    FILE_LOCK = "file-lock", "file lock"
-    CHILD_PROCESS = "child-process", "child process"
-    HOST_ALL_REDUCE = "host-all-reduce", "host all_reduce"
-    HOST_BARRIER = "host-barrier", "host barrier"
-    RENDEZVOUS = "rendezvous", "host rendezvous"
-    DEVICE_SYNC = "device-sync", "cudaDeviceSynchronize"
+
+_WAIT_LABELS = {
+    WaitSite.LAMPORT_POLL: "Lamport poll", WaitSite.TWOSHOT_BARRIER: "two-shot barrier",
+    WaitSite.CTA_COUNTER: "CTA counter", WaitSite.TWOSHOT_GPU: "two-shot barrier/counter",
+    WaitSite.FILE_LOCK: "file lock", WaitSite.CHILD_PROCESS: "child process",
+    WaitSite.HOST_ALL_REDUCE: "host all_reduce", WaitSite.HOST_BARRIER: "host barrier",
+    WaitSite.RENDEZVOUS: "host rendezvous", WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize",
+}
 
 
 # ---- findings ----------------------------------------------------------------------------------------
