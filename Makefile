@@ -33,6 +33,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check repro tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python bench/run_bench.py --out bench/results

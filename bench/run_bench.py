@@ -345,9 +345,9 @@ def bench_scale(work: Path, keep: bool, sizes: list[int]) -> dict[str, Any]:
 
 
 def _per_call(run_dir: Path) -> dict[str, Any]:
-    """Mean launch->result per call and the replay's span per call (repro.launchlog)."""
+    """Mean launch->result per call and the replay's span per call (repro.events)."""
     sys.path.insert(0, str(ROOT))
-    from repro.launchlog import per_call_timings
+    from repro.events import per_call_timings
 
     return per_call_timings(run_dir / "launch")
 
@@ -388,7 +388,7 @@ def _check_cost_single_threaded(token_counts: dict[Any, int]) -> dict[str, Any]:
 def _check_share(run_dir: Path) -> float | None:
     """The time the ranks spent checking (the done records' check_s) over the time they spent replaying."""
     sys.path.insert(0, str(ROOT))
-    from repro.launchlog import read_rank_log
+    from repro.events import read_rank_log
 
     spent = total = 0.0
     for log in sorted((run_dir / "launch").glob("rank*.jsonl")):

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from repro.launchlog import per_call_timings  # noqa: E402
+from repro.events import per_call_timings  # noqa: E402
 
 SC = ROOT / "scenarios"
 
@@ -479,21 +479,9 @@ def fidelity_sets(path: Path) -> list[str]:
     return SEED_SETS if path.name.startswith("llama70b-") else MECH_SETS
 
 
-def short_site(text: str) -> str:
-    """A wait-site description (repro.analysis) as a short table label."""
-    for key, label in (("Lamport poll", "Lamport poll"), ("Barrier::sync or its", "two-shot barrier/counter"),
-                       ("Barrier::sync", "two-shot barrier"), ("CTA arrival counter", "CTA counter"),
-                       ("a file lock", "file lock"), ("child process", "child process"),
-                       ("all_reduce", "host all_reduce"), ("end-of-start-up barrier", "host barrier"),
-                       ("rendezvous", "host rendezvous"), ("cudaDeviceSynchronize", "cudaDeviceSynchronize")):
-        if key in text:
-            return label
-    return "?" if text else ""
-
-
 def run_waits(rep: dict[str, Any]) -> dict[int, str]:
     """Where each rank of one run ended: its wait site (GPU state first on a GPU, else its stack), or finished."""
-    from repro.analysis import gpu_waiting, where_waiting
+    from repro.analysis import gpu_wait_site, stack_wait_site
     from repro.records import GpuState, StackSample
 
     stacks = {s["rank"]: StackSample.model_validate(s) for s in rep.get("stacks", [])}
@@ -506,9 +494,11 @@ def run_waits(rep: dict[str, Any]) -> dict[int, str]:
             continue
         if r["state"] not in ("spinning", "idle"):
             continue
-        g = short_site(gpu_waiting(gpu.get(k)))
+        gsite = gpu_wait_site(gpu.get(k))
+        g = gsite.label if gsite else ""
         src = f" ({gpu[k].source})" if g and k in gpu else ""
-        st = short_site(where_waiting(stacks.get(k)))
+        ssite = stack_wait_site(stacks.get(k))
+        st = ssite.label if ssite else ""
         out[k] = (g + src) if g else (st + (" (stack)" if st else "")) or f"{r['state']}, site unknown"
     return out
 

@@ -58,7 +58,7 @@ if has probe; then
   python3 - <<'PY'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
-from repro.vllm_args import detect_api
+from repro.engines.vllm.args import detect_api
 print("detect_api", detect_api())
 for m in ("flashinfer", "filelock", "pydantic"):
     try:

@@ -55,8 +55,8 @@ ERR = re.compile(r"(CUDA error: .*|torch\.AcceleratorError: .*|RuntimeError: .*|
 
 
 def _model_dir(root: Path) -> Path:
+    from repro.engines.vllm.args import write_model_dir
     from repro.scenario import parse_scenario_text
-    from repro.vllm_args import write_model_dir
 
     sc = parse_scenario_text("name: probe\nengine: vllm\nmodel: llama-3.1-8b\nvllm: {num_layers: 2}\n", "<probe>")
     return write_model_dir(sc, root / "model")

@@ -14,11 +14,12 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from repro.launch_math import kernel_name
+from repro.kernel_launch import kernel_name
 from repro.layout import label, tp_groups
 from repro.records import (
     Aliasing,
     Analysis,
+    CallRef,
     CorruptionFinding,
     Divergence,
     FaultOutcome,
@@ -26,7 +27,9 @@ from repro.records import (
     Frame,
     GpuState,
     Hypothesis,
+    HypothesisKey,
     HypothesisStatus,
+    KernelSource,
     LaunchEvent,
     RankExit,
     RankLog,
@@ -34,61 +37,49 @@ from repro.records import (
     StackCluster,
     StackSample,
     Verdict,
+    WaitSite,
     WatchdogVerdict,
 )
+from repro.report.format import call_fields, call_ref_text, ranks_text
 from repro.scenario import Scenario
 
 COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
 
-# Where the sim's spin-waits live, and what they model in the kernel.
+# Where the sim's spin-waits live (by function name), and what they model in the kernel.
 SPIN_SITES = {
-    "_oneshot": "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
-    "_barrier_sync": "the two-shot Barrier::sync (waits for its peers' barrier flags)",
-    "_update": "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
+    "_oneshot": WaitSite.LAMPORT_POLL,
+    "_barrier_sync": WaitSite.TWOSHOT_BARRIER,
+    "_update": WaitSite.CTA_COUNTER,
 }
 # Host-side waits in torch.distributed and the CUDA runtime, by function name.
 HOST_SITES = {
-    "all_reduce": "a host-side all_reduce (the unfused path) waiting for its TP peers",
-    "barrier": "the end-of-start-up barrier, waiting for the other ranks",
-    "all_gather_object": "the workspace rendezvous (all_gather over the workspace group)",
-    "cudaDeviceSynchronize": "cudaDeviceSynchronize, waiting for its GPU",
+    "all_reduce": WaitSite.HOST_ALL_REDUCE,
+    "barrier": WaitSite.HOST_BARRIER,
+    "all_gather_object": WaitSite.RENDEZVOUS,
+    "cudaDeviceSynchronize": WaitSite.DEVICE_SYNC,
 }
 # Waits inside a library, matched on the module the frame is in (never on a function of vdiag's own).
 LIBRARY_SITES = {
-    "filelock/": "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
-    "subprocess.py": "a child process it started, inside subprocess ({frames})",
+    "filelock/": WaitSite.FILE_LOCK,
+    "subprocess.py": WaitSite.CHILD_PROCESS,
 }
-FILE_LOCK_SITE = "a file lock"
-
-
-def _call_text(ev: LaunchEvent | dict[str, Any] | None) -> str:
-    if ev is None:
-        return "?"
-    d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev
-    return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
-
-
-def _call_dict(ev: LaunchEvent) -> dict[str, Any]:
-    return {k: getattr(ev, k) for k in ("phase", "size", "layer", "sub", "call", "token_num", "op", "oneshot")}
-
-
-def _ranks_text(ranks: Sequence[int]) -> str:
-    rs = sorted(ranks)
-    if not rs:
-        return "none"
-    out, start, prev = [], rs[0], rs[0]
-    for r in [*rs[1:], None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if r is not None:
-            start = prev = r
-    return ",".join(out)
+# What each wait site is, in the report's words ({frames}: the library's innermost frames).
+SITE_TEXT = {
+    WaitSite.LAMPORT_POLL: "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
+    WaitSite.TWOSHOT_BARRIER: "the two-shot Barrier::sync (waits for its peers' barrier flags)",
+    WaitSite.CTA_COUNTER: "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
+    WaitSite.TWOSHOT_GPU: "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
+    WaitSite.HOST_ALL_REDUCE: "a host-side all_reduce (the unfused path) waiting for its TP peers",
+    WaitSite.HOST_BARRIER: "the end-of-start-up barrier, waiting for the other ranks",
+    WaitSite.RENDEZVOUS: "the workspace rendezvous (all_gather over the workspace group)",
+    WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize, waiting for its GPU",
+    WaitSite.FILE_LOCK: "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
+    WaitSite.CHILD_PROCESS: "a child process it started, inside subprocess ({frames})",
+}
 
 
 def _plural(word: str, ranks: Sequence[int]) -> str:
-    return f"{word}{'s' if len(ranks) != 1 else ''} {_ranks_text(ranks)}"
+    return f"{word}{'s' if len(ranks) != 1 else ''} {ranks_text(ranks)}"
 
 
 # ---- launch diff ------------------------------------------------------------------------------------
@@ -110,12 +101,12 @@ def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Diver
                 if len({str(v) for v in norm.values()}) > 1:
                     ev0 = evs[min(evs)]
                     text = (
-                        f"TP group {_ranks_text(group)}: first disagreement at launch #{i} "
-                        f"({_call_text(ev0)}): {fld} "
+                        f"TP group {ranks_text(group)}: first disagreement at launch #{i} "
+                        f"({call_ref_text(ev0)}): {fld} "
                         + ", ".join(f"rank {r}={norm[r]}" for r in sorted(norm))
                     )
                     out.append(Divergence(tp_group=group, index=i, field=fld, values=norm,
-                                          call=_call_dict(ev0), text=text))
+                                          call=call_fields(ev0), text=text))
                     found = True
                     break
             if found:
@@ -126,13 +117,13 @@ def launch_divergences(logs: dict[int, RankLog], tp: int, pp: int) -> list[Diver
                 lo = min(counts, key=lambda r: counts[r])
                 ev = seqs[lo][-1] if seqs[lo] else None
                 text = (
-                    f"TP group {_ranks_text(group)}: launches agree call by call, but the ranks issued "
+                    f"TP group {ranks_text(group)}: launches agree call by call, but the ranks issued "
                     + ", ".join(f"rank {r}: {c}" for r, c in sorted(counts.items()))
-                    + f" launches; rank {lo} stopped at {_call_text(ev)}"
+                    + f" launches; rank {lo} stopped at {call_ref_text(ev)}"
                 )
                 out.append(Divergence(tp_group=group, index=min(counts.values()), field="calls",
                                       values={r: c for r, c in counts.items()},
-                                      call=_call_dict(ev) if ev else {}, text=text))
+                                      call=call_fields(ev) if ev else CallRef(), text=text))
     return out
 
 
@@ -161,13 +152,13 @@ def workspace_aliasing(logs: dict[int, RankLog], tp: int, pp: int) -> list[Alias
     if wrong_group:
         parts.append(
             f"{_plural('rank', wrong_group)} rendezvoused their workspace over "
-            f"{_ranks_text(rdzv[wrong_group[0]])} instead of their TP group"
+            f"{ranks_text(rdzv[wrong_group[0]])} instead of their TP group"
         )
     if shared:
         sample = sorted(shared.items())[:4]
         parts.append(
             "buffers used by more than one TP group: "
-            + "; ".join(f"{p} by ranks {_ranks_text(rs)}" for p, rs in sample)
+            + "; ".join(f"{p} by ranks {ranks_text(rs)}" for p, rs in sample)
         )
     return [Aliasing(ranks=ranks, rendezvous_groups=rdzv, shared_buffers=shared, text="; ".join(parts))]
 
@@ -217,51 +208,76 @@ def cluster_stacks(stacks: list[StackSample]) -> list[StackCluster]:
 
 
 GPU_SPIN_SITES = {
-    "oneshot_lamport": SPIN_SITES["_oneshot"],
-    "twoshot_sync": "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
+    "oneshot_lamport": WaitSite.LAMPORT_POLL,
+    "twoshot_sync": WaitSite.TWOSHOT_GPU,
 }
 
 
-def gpu_waiting(g: GpuState | None) -> str:
-    """What a hung kernel on the GPU is waiting in, from cuda-gdb's view of it."""
+def gpu_wait_site(g: GpuState | None) -> WaitSite | None:
+    """Which known wait a hung kernel on the GPU is in, from cuda-gdb's view of it (its kernel's name)."""
     if g is None:
-        return ""
+        return None
     for k in g.kernels:
-        for key, text in GPU_SPIN_SITES.items():
+        for key, site in GPU_SPIN_SITES.items():
             if key in k.name:
-                return text
-    return ""
+                return site
+    return None
 
 
-def _library_site(stack: StackSample) -> str:
+def gpu_waiting(g: GpuState | None) -> str:
+    """What a hung kernel on the GPU is waiting in, in the report's words ("" when none is known)."""
+    site = gpu_wait_site(g)
+    return SITE_TEXT[site] if site else ""
+
+
+def _library_site(stack: StackSample) -> tuple[WaitSite, str] | None:
     th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
     if th is None and stack.threads:
         th = stack.threads[0]
     frames = [f for f in (th.frames if th else []) if not f.native]
     for i, f in enumerate(frames):
-        for module, text in LIBRARY_SITES.items():
+        for module, site in LIBRARY_SITES.items():
             if module in f.file.replace("\\", "/"):
                 inner = [g.function for g in frames[i:] if module in g.file.replace("\\", "/")][:3]
-                return text.format(frames=" <- ".join(inner))
-    return ""
+                return site, " <- ".join(inner)
+    return None
 
 
-def where_waiting(stack: StackSample | None) -> str:
+def stack_wait(stack: StackSample | None) -> tuple[WaitSite, str] | None:
+    """Which known wait a rank's stack is in, and the library frames that show it (py-spy's stack)."""
     if stack is None:
-        return ""
+        return None
     funcs = _python_functions(stack)
     for f in funcs:
         short = f.rsplit(".", 1)[-1]
         if short in SPIN_SITES:
-            return SPIN_SITES[short]
+            return SPIN_SITES[short], ""
     lib = _library_site(stack)
     if lib:
         return lib
     for f in funcs:
-        for key, text in HOST_SITES.items():
+        for key, site in HOST_SITES.items():
             if key in f.rsplit(".", 1)[-1]:
-                return text
-    return ""
+                return site, ""
+    return None
+
+
+def stack_wait_site(stack: StackSample | None) -> WaitSite | None:
+    found = stack_wait(stack)
+    return found[0] if found else None
+
+
+def where_waiting(stack: StackSample | None) -> str:
+    """What a rank's stack waits in, in the report's words ("" when in no known wait)."""
+    found = stack_wait(stack)
+    if found is None:
+        return ""
+    site, frames = found
+    return SITE_TEXT[site].format(frames=frames)
+
+
+def _lamport_spin(stack: StackSample | None, gpu: GpuState | None) -> bool:
+    return WaitSite.LAMPORT_POLL in (stack_wait_site(stack), gpu_wait_site(gpu))
 
 
 def _lock_text(x: FileLockHold) -> str:
@@ -345,9 +361,9 @@ def corruption_findings(logs: dict[int, RankLog]) -> list[CorruptionFinding]:
         mix = ", ".join(f"{k.replace('_', ' ')} x{n}" for k, n in kinds.most_common())
         out.append(CorruptionFinding(
             rank=r, wrong_calls=len(wrong), total_calls=len(lg.results),
-            first=_call_dict(ev) | {"max_err": first.max_err, "first_wrong_element": first.first_wrong}
-            if ev else {"seq": first.seq},
-            kind=kind,
+            first=call_fields(ev, max_err=first.max_err, first_wrong_element=first.first_wrong)
+            if ev else CallRef(seq=first.seq),
+            kind=kind, kinds=dict(kinds),
             detail=first.detail + (f" (all wrong calls: {mix})" if len(kinds) > 1 else ""),
         ))
     return out
@@ -382,9 +398,9 @@ def weigh(
     hang = wd.is_hang
     spinning = set(wd.busy_ranks)
     fused_calls = any(ev.op == "fused" for lg in logs.values() for ev in lg.launches)
-    H: dict[str, dict[str, Any]] = {}
+    H: dict[HypothesisKey, dict[str, Any]] = {}
 
-    def h(key: str, title: str) -> dict[str, Any]:
+    def h(key: HypothesisKey, title: str) -> dict[str, Any]:
         return H.setdefault(key, {"title": title, "score": 0.0, "for": [], "against": []})
 
     tok = [d for d in divs if d.field == "token_num"]
@@ -417,7 +433,7 @@ def weigh(
     for a in alias:
         d3["score"] += 3
         d3["for"].append(a.text)
-    foreign = [c for c in corr if c.kind == "foreign_group" or "foreign group x" in c.detail]
+    foreign = [c for c in corr if "foreign_group" in c.kinds or c.kind == "foreign_group"]
     if foreign:
         d3["score"] += 2
         d3["for"].append(
@@ -430,7 +446,7 @@ def weigh(
               if lg.workspace is not None and r in lg.workspace.tp_group
               and len(lg.workspace.peers) > lg.workspace.tp_group.index(r)}
     shared_poll = sorted(r for r in spinning if polled.get(r) in shared_bufs
-                         and ("Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))))
+                         and _lamport_spin(stacks.get(r), gpu.get(r)))
     if alias and shared_poll:
         d3["score"] += 1
         d3["for"].append(
@@ -456,13 +472,13 @@ def weigh(
 
     # 5. Lamport flag out of step
     d5 = h("flag-out-of-step", "Lamport flag out of step (a different number of earlier one-shot calls on one rank)")
-    stale = [c for c in corr if c.kind == "stale" or "stale x" in c.detail]
+    stale = [c for c in corr if "stale" in c.kinds or c.kind == "stale"]
     if stale:
         d5["score"] += 2
         d5["for"].append(f"{_plural('rank', [c.rank for c in stale])} received data from another call ({stale[0].detail})")
     clean_layout = not tok and not osd and not geo and not alias and not failed
     lamport_spin = [r for r in spinning
-                    if "Lamport" in where_waiting(stacks.get(r)) or "Lamport" in gpu_waiting(gpu.get(r))]
+                    if _lamport_spin(stacks.get(r), gpu.get(r))]
     stragglers = [st.rank for st in wd.stragglers]
     if hang and clean_layout and fused_calls and lamport_spin and stragglers:
         # The exclusion argument needs every rank accounted for; a straggler explains the wait by itself.
@@ -491,7 +507,7 @@ def weigh(
                 d6["for"].append(f"rank {r}: {s}")
     d7 = h("jit-lock", "Start-up lock: a file lock (FlashInfer's JIT build lock) held by a process that never releases it")
     lock_sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
-    lock_waiters = sorted(r for r, w in lock_sites.items() if w.startswith(FILE_LOCK_SITE))
+    lock_waiters = sorted(r for r in wd.idle_ranks if stack_wait_site(stacks.get(r)) is WaitSite.FILE_LOCK)
     held = [x for x in locks if x.holder_rank is not None]
     if hang and (lock_waiters or held):
         for x in held:
@@ -518,7 +534,9 @@ def weigh(
                                  "synchronisation, spin)")
 
     if not fused:
-        for key in ("launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step"):
+        fused_keys: tuple[HypothesisKey, ...] = (
+            "launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step")
+        for key in fused_keys:
             H[key]["against"].insert(0, "the fused all-reduce was not used in this run (fusion off or gated)")
 
     best = max(v["score"] for v in H.values())
@@ -533,7 +551,7 @@ def weigh(
 # ---- the verdict ---------------------------------------------------------------------------------------
 
 
-COMPUTED = "computed from the launch record"
+COMPUTED: KernelSource = "computed from the launch record"
 
 
 def _short_site(site: str) -> str:
@@ -542,7 +560,7 @@ def _short_site(site: str) -> str:
 
 
 def rank_kernel(ev: LaunchEvent | None, g: GpuState | None, tp: int, pattern: str, fp32_acc: bool
-                ) -> tuple[str, str, str]:
+                ) -> tuple[str, str, KernelSource]:
     """(kernel name, geometry, where it comes from) for one rank: its GPU state when there is one (observed),
     else its own pending launch record (computed on the sim)."""
     if g is not None and g.kernels:
@@ -588,17 +606,17 @@ def rank_wheres(
             site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag
                     else known_wait(stacks.get(r)))
         out.append(RankWhere(rank=r, state=state, kernel=name, geometry=geo, kernel_source=src, site=site,
-                             call=_call_dict(ev) if ev is not None else {}))
+                             call=call_fields(ev) if ev is not None else CallRef()))
     return out
 
 
-def _calls_text(calls: list[dict[str, Any]]) -> str:
+def _calls_text(calls: list[CallRef]) -> str:
     if not calls:
         return "no pending call"
-    if len({_call_text(c) for c in calls}) == 1:
-        return _call_text(calls[0])
-    idx = sorted(int(c["call"]) for c in calls if c.get("call") is not None)
-    where = sorted({f"{c.get('phase')} {c.get('size')}" for c in calls})
+    if len({call_ref_text(c) for c in calls}) == 1:
+        return call_ref_text(calls[0])
+    idx = sorted(c.call for c in calls if c.call is not None)
+    where = sorted({f"{c.phase} {c.size}" for c in calls})
     return f"calls {', '.join(map(str, idx))} ({'; '.join(where)})"
 
 
@@ -628,7 +646,7 @@ def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
 
 
 def _source_text(src: str) -> str:
-    return src if src.startswith("computed") else f"from the {src}"
+    return src if src == COMPUTED else f"from the {src}"
 
 
 def _idle_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
@@ -724,11 +742,11 @@ def make_verdict(
             call = first.first
             return Verdict(
                 cls="corruption",
-                headline=f"corruption: the run finished, but ranks {_ranks_text(wrong_ranks)} got wrong results",
+                headline=f"corruption: the run finished, but ranks {ranks_text(wrong_ranks)} got wrong results",
                 paragraph=(
                     f"No rank hung, but {sum(c.wrong_calls for c in corr)} calls returned wrong data on ranks "
-                    f"{_ranks_text(wrong_ranks)}. The first wrong call was on {label(first.rank, tp, pp)} at "
-                    f"{_call_text(call)}: {first.kind.replace('_', ' ')} ({first.detail}).{cause}"
+                    f"{ranks_text(wrong_ranks)}. The first wrong call was on {label(first.rank, tp, pp)} at "
+                    f"{call_ref_text(call)}: {first.kind.replace('_', ' ')} ({first.detail}).{cause}"
                 ),
                 call=call, top_hypothesis=top.key if top else "",
             )
@@ -751,7 +769,7 @@ def make_verdict(
     ev = pend.get(focus)
     kernel = _kernel_for(ev, gpu, focus, tp, pattern, fp32_acc)
     wheres = rank_wheres(logs, wd, stacks, gpu, tp, pattern, fp32_acc)
-    call_txt = _call_text(ev) if ev else "no pending call"
+    call_txt = call_ref_text(ev) if ev else "no pending call"
     key_ev = f" Key evidence: {_evidence_clip(top.evidence_for[0], 200)}" if top and top.evidence_for else ""
     stalled = f" No rank progressed for {wd.stall_s:g} s before the stall was confirmed."
     strag = _straggler_text(wd, tp, pp)
@@ -769,13 +787,13 @@ def make_verdict(
             + "." + strag + stalled + cause + key_ev
         )
         return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
-                       call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                       call=call_fields(ev) if ev else CallRef(), top_hypothesis=top.key if top else "", ranks=wheres)
     elif wd.cls == "all-spinning":
-        headline = f"all-spinning: ranks {_ranks_text(spinning)} busy, none progressing"
+        headline = f"all-spinning: ranks {ranks_text(spinning)} busy, none progressing"
     elif wd.cls == "timeout":
         headline = "timeout: the run did not finish within max_run_s"
     else:
-        headline = f"spin-deadlock: {_ranks_text(spinning)} spinning, {_ranks_text(idle)} idle"
+        headline = f"spin-deadlock: {ranks_text(spinning)} spinning, {ranks_text(idle)} idle"
     if wd.stragglers:
         headline += f" (straggler: {_plural('rank', [st.rank for st in wd.stragglers])})"
     lead = "; ".join(_spin_groups(wheres, tp, pp)) or "no rank spins"
@@ -786,7 +804,7 @@ def make_verdict(
                  f"({corr[0].kind.replace('_', ' ')}).")
     para += cause + key_ev
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=spinning, idle=idle, kernel=kernel,
-                   call=_call_dict(ev) if ev else {}, top_hypothesis=top.key if top else "", ranks=wheres)
+                   call=call_fields(ev) if ev else CallRef(), top_hypothesis=top.key if top else "", ranks=wheres)
 
 
 def analyze(
@@ -835,11 +853,11 @@ def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[st
     records the replay writes), and the warning when its selector can never match."""
     out = []
     for i, f in enumerate(sc.faults):
-        fired: dict[int, list[dict[str, Any]]] = {}
+        fired: dict[int, list[CallRef]] = {}
         for r in f.ranks:
             lg = logs.get(r)
-            hits = [{k: v for k, v in e.model_dump().items() if k in ("phase", "size", "layer", "sub", "call")
-                     and v is not None} for e in (lg.faults if lg else []) if e.index == i]
+            hits = [CallRef(**{k: v for k, v in e.model_dump().items() if k in ("phase", "size", "layer", "sub", "call")
+                               and v is not None}) for e in (lg.faults if lg else []) if e.index == i]
             if hits:
                 fired[r] = hits
         tag = f"faults[{i}]"

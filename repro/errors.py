@@ -1,18 +1,7 @@
-"""The exit-code table and the one error family every command turns into a message.
+"""The exit codes (each code carries its meaning) and the one error family every command turns into a message.
 
-| code | meaning |
-|------|---------|
-| 0 | clean: the run finished and every checked result was right |
-| 1 | failure reproduced: a hang, or silent corruption (wrong results) |
-| 2 | usage or scenario error |
-| 3 | environment error (a missing tool, permissions, no GPU where one is needed) |
-| 4 | a worker crashed |
-| 70 | internal error (a bug in vdiag; the traceback is written to a temporary file) |
-| 125 | bisect only: this step cannot be judged (skip) |
-| 129 | `vdiag run` stopped by SIGHUP (the terminal closed); cleaned up, partial report kept |
-| 130 | interrupted (Ctrl-C, SIGINT); cleaned up, partial report kept |
-| 137 | vdiag itself was killed (SIGKILL, the OOM killer): no report; `vdiag report RUN_DIR` rebuilds one |
-| 143 | `vdiag run` stopped by SIGTERM (`timeout`, Slurm, Kubernetes); cleaned up, partial report kept |
+README's table, the CLI's help and the report's footer read `ExitCode.meaning`; a test keeps README's table
+equal to the enum.
 """
 
 from __future__ import annotations
@@ -21,17 +10,47 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    CLEAN = 0
-    REPRODUCED = 1
-    USAGE = 2
-    ENVIRONMENT = 3
-    CRASH = 4
-    INTERNAL = 70
-    SKIP = 125
-    SIGHUP = 129
-    INTERRUPTED = 130
-    KILLED = 137
-    SIGTERM = 143
+    """vdiag's exit codes; `meaning` is each code's one description."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        obj = int.__new__(cls, value)
+        obj._value_ = value
+        obj.meaning = meaning
+        return obj
+
+    CLEAN = 0, "clean: the run finished and every checked result was right"
+    REPRODUCED = 1, "failure reproduced: a hang, or silent corruption (wrong results)"
+    USAGE = 2, "usage or scenario error"
+    ENVIRONMENT = 3, "environment error (a missing tool or package, permissions, no GPU where one is needed)"
+    CRASH = 4, "a worker crashed"
+    INTERNAL = 70, "internal error (a bug in vdiag; the traceback is written to a temporary file, named on stderr)"
+    SKIP = 125, "bisect only: this step cannot be judged (skip)"
+    SIGHUP = 129, "`vdiag run` stopped by SIGHUP (the terminal closed); cleaned up, partial report kept"
+    INTERRUPTED = 130, "interrupted (Ctrl-C, SIGINT); cleaned up, partial report kept"
+    KILLED = (
+        137,
+        "vdiag itself was killed (SIGKILL, the OOM killer): no report; `vdiag report RUN_DIR` rebuilds one "
+        "(which says 137)"
+    )
+    SIGTERM = 143, "`vdiag run` stopped by SIGTERM (`timeout`, Slurm, Kubernetes); cleaned up, partial report kept"
+
+
+def exit_meaning(code: int) -> str:
+    """The meaning of an exit code (its one home is `ExitCode`)."""
+    return next((c.meaning for c in ExitCode if c == code), "not a vdiag exit code")
+
+
+def exit_code_table() -> str:
+    """The Markdown table of every exit code and its meaning (README's "Exit codes" section is this table)."""
+    rows = ["| code | meaning |", "|---|---|"] + [f"| {int(c)} | {c.meaning} |" for c in ExitCode]
+    return "\n".join(rows)
+
+
+def exit_code_help() -> str:
+    """The exit codes as the CLI's help lists them, one per line."""
+    return "\n".join(f"  {int(c):>3}  {c.meaning}" for c in ExitCode)
 
 
 class VdiagError(Exception):

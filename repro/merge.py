@@ -3,7 +3,7 @@
 Each node's `vdiag run --nnodes N` watches only the ranks torchrun placed on that node and writes its own
 run folder (`<time>-<scenario>-node<I>/`) with a `node.json` saying which node it was and which ranks it
 held. Merging reads every folder's records (launch logs, watchdog verdict, stacks, GPU state, collectors,
-environment), checks that they belong to one job, combines the per-node watchdog verdicts into one, and
+environment, file locks, CUPTI launch traces), checks that they belong to one job, combines the per-node watchdog verdicts into one, and
 runs the analysis again over all ranks, so the verdict names ranks across nodes. The merged folder
 (`<time>-<scenario>-merged/`) holds copies of every node's records, so it can be rendered again on its own.
 
@@ -15,83 +15,39 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
+from repro.collectors.locks import ARTIFACT as LOCKS_ARTIFACT
+from repro.collectors.locks import load_locks
+from repro.cupti_trace import cupti_file
+from repro.diagnose import Evidence, RunContext, diagnose
 from repro.errors import ScenarioError
-from repro.launchlog import read_rank_log
+from repro.events import read_rank_log
+from repro.multinode import (
+    NODE_NOTE_PREFIX,
+    NODES_FILE,
+    NodeInfo,
+    find_node_dirs,
+    nodes_text,
+    read_node_info,
+)
 from repro.records import (
     CollectorRun,
     EnvInfo,
+    FileLockHold,
     GpuState,
     RankLog,
     Report,
     StackSample,
     WatchdogVerdict,
 )
+from repro.report.format import ranks_text
 from repro.rundir import RunDir
-from repro.scenario import Scenario
-
-NODE_FILE = "node.json"
-NODES_FILE = "nodes.json"  # in a merged folder: where each node's records came from
-# A note every per-node report carries; the merged report drops it.
-NODE_NOTE_PREFIX = "multi-node: node "
-
-
-class NodeInfo(BaseModel):
-    """What a node's `vdiag run` writes to node.json."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    nnodes: int
-    node_rank: int
-    rdzv_endpoint: str = ""
-    rdzv_id: str = ""
-    host: str = ""
-    ranks: list[int] = []
-    started_t: float = 0.0
-    scenario: str = ""
-    collected_t: float = 0.0  # when this node's collectors had finished (0: not yet)
-
-
-def node_info_path(root: Path) -> Path:
-    return root / NODE_FILE
-
-
-def write_node_info(run_dir: RunDir, info: NodeInfo) -> None:
-    node_info_path(run_dir.root).write_text(info.model_dump_json(indent=2) + "\n")
-
-
-def read_node_info(root: Path) -> NodeInfo | None:
-    try:
-        return NodeInfo.model_validate_json(node_info_path(root).read_text())
-    except (OSError, ValidationError):
-        return None
-
-
-def make_node_info(nnodes: int, node_rank: int, endpoint: str | None, rdzv_id: str | None, ranks: list[int],
-                   started_t: float, scenario: str) -> NodeInfo:
-    return NodeInfo(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint or "", rdzv_id=rdzv_id or "",
-                    host=socket.gethostname(), ranks=sorted(ranks), started_t=started_t, scenario=scenario)
-
-
-def ranks_text(ranks: list[int]) -> str:
-    from repro.analysis import _ranks_text
-
-    return _ranks_text(ranks)
-
-
-def node_note(info: NodeInfo) -> str:
-    return (
-        f"{NODE_NOTE_PREFIX}{info.node_rank} of {info.nnodes} on {info.host}: torchrun's rendezvous gave it "
-        f"ranks {ranks_text(info.ranks)}; this report and its verdict cover those ranks only. "
-        "Combine every node's folder with `vdiag report --merge DIR...` for the whole job."
-    )
-
+from repro.scenario import Scenario, fault_warnings
 
 # ---- reading one node's folder -----------------------------------------------------------------------
 
@@ -108,6 +64,7 @@ class NodeRecords:
     gpu: list[GpuState]
     collectors: list[CollectorRun]
     env: EnvInfo
+    locks: list[FileLockHold]
 
     @property
     def ranks(self) -> list[int]:
@@ -175,6 +132,7 @@ def load_node(root: Path) -> NodeRecords:
         stacks=list(report.stacks) if report is not None else _stacks_from_files(rd, logs),
         gpu=list(report.gpu) if report is not None else [],
         collectors=list(report.collectors) if report is not None else [], env=env,
+        locks=list(report.locks) if report is not None else load_locks(root),
     )
 
 
@@ -286,6 +244,7 @@ def _copy_records(nodes: list[NodeRecords], out: RunDir) -> None:
             rd = RunDir(n.root)
             for r in n.ranks:
                 for src, dst in ((rd.launch_log(r), out.launch_log(r)), (rd.stderr_log(r), out.stderr_log(r)),
+                                 (cupti_file(rd.root, r), cupti_file(out.root, r)),
                                  (rd.stack_file(r), out.stack_file(r)),
                                  (rd.faulthandler_file(r), out.faulthandler_file(r))):
                     if src.exists():
@@ -302,37 +261,25 @@ def _copy_records(nodes: list[NodeRecords], out: RunDir) -> None:
 
 def merge_runs(dirs: list[Path], out_base: Path | None = None) -> tuple[RunDir, Report]:
     """Combine the run folders of a multi-node run into one report; returns the merged folder and report."""
-    from repro import __version__
-    from repro.analysis import analyze
-    from repro.run import exit_code_for, summarize_ranks, write_report
-
     if not dirs:
         raise ScenarioError("vdiag report --merge: give the run folder of every node")
     nodes = [load_node(Path(d)) for d in dirs]
     nodes.sort(key=lambda n: (n.info.node_rank if n.info else 0, n.ranks[0]))
     notes = _check_same_job(nodes)
     sc = nodes[0].scenario
-    tp, pp = sc.parallel.tp, sc.parallel.pp
     wd, wd_notes = combine_verdicts(nodes)
     logs = {r: lg for n in nodes for r, lg in n.logs.items()}
-    stacks = [s for n in nodes for s in n.stacks]
-    gpu = [g for n in nodes for g in n.gpu]
-    analysis = analyze(logs, wd, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
-                       pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc)
-    where = "; ".join(f"{n.label} ran ranks {ranks_text(n.ranks)} (its watchdog: {n.watchdog.cls})" for n in nodes)
-    para = analysis.verdict.paragraph.rstrip()
-    verdict = analysis.verdict.model_copy(
-        update={"paragraph": para + ("" if para.endswith(".") else ".") + f" Nodes: {where}."})
-    analysis = analysis.model_copy(update={"verdict": verdict})
-    code = exit_code_for(wd, bool(analysis.corruption))
+    locks = [h for n in nodes for h in n.locks]
 
     out = RunDir.create(out_base or Path(dirs[0]).resolve().parent, f"{sc.name}-merged")
     _copy_records(nodes, out)
     out.watchdog_json.write_text(wd.model_dump_json(indent=2))
+    (out.root / LOCKS_ARTIFACT).write_text(json.dumps([h.model_dump(mode="json") for h in locks], indent=1))
     (out.root / NODES_FILE).write_text(json.dumps(
-        [{"folder": str(n.root), "ranks": n.ranks, "watchdog": n.watchdog.cls,
+        [{"folder": str(n.root), "label": n.label, "ranks": n.ranks, "watchdog": n.watchdog.cls,
           **(n.info.model_dump() if n.info else {})} for n in nodes], indent=2) + "\n")
 
+    where = "; ".join(f"{n.label} ran ranks {ranks_text(n.ranks)} (its watchdog: {n.watchdog.cls})" for n in nodes)
     reps = [n.report for n in nodes if n.report is not None]
     node_notes = [x for r in reps for x in r.notes if not x.startswith(NODE_NOTE_PREFIX)]
     hosts = sorted({n.info.host for n in nodes if n.info and n.info.host})
@@ -344,50 +291,20 @@ def merge_runs(dirs: list[Path], out_base: Path | None = None) -> tuple[RunDir, 
         notes.append("times come from each node's clock: compare stall and verdict times across nodes with "
                      "the clocks' skew in mind")
     base = reps[0] if reps else None
-    report = Report(
-        vdiag_version=__version__, scenario_name=sc.name,
+    ev = Evidence(watchdog=wd, stacks=[s for n in nodes for s in n.stacks], gpu=[g for n in nodes for g in n.gpu],
+                  collectors=[c for n in nodes for c in n.collectors], env=nodes[0].env, notes=notes, locks=locks,
+                  logs=logs)
+    ctx = RunContext(
+        scenario=sc, ranks=sorted(logs),
         scenario_file=base.scenario_file if base else str(nodes[0].root / "scenario.json"),
-        scenario_yaml=base.scenario_yaml if base else (nodes[0].root / "scenario.yaml").read_text(),
-        run_dir=str(out.root),
         started=min(r.started for r in reps) if reps else time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         duration_s=max((r.duration_s for r in reps), default=0.0),
-        backend=sc.backend, engine=sc.engine, world_size=sc.world_size, tp=tp, pp=pp,
-        fusion_enabled=sc.fusion_enabled(), payload_width=sc.payload_width(), hidden=sc.model.hidden_size,
-        exit_code=int(code), expect=sc.expect,
+        warnings=fault_warnings(sc, base.scenario_file if base else sc.name),
         placement=(base.placement + "; " if base and base.placement else "") + f"{len(nodes)} nodes",
-        ranks=summarize_ranks(logs, wd, tp, pp), watchdog=wd, analysis=analysis, stacks=stacks, gpu=gpu,
-        collectors=[c for n in nodes for c in n.collectors], env=nodes[0].env, notes=notes,
+        notes_final=True,  # each node's report already holds its GPU-state, CUPTI and vLLM notes
+        verdict_suffix=nodes_text([(n.label, n.ranks, n.watchdog.cls) for n in nodes]),
     )
-    return out, write_report(out, report)
-
-
-# ---- node 0 merges by itself where it can see the other folders -----------------------------------------
-
-
-def find_node_dirs(reports_dir: Path, info: NodeInfo, window_s: float = 600.0,
-                   collected_only: bool = False, any_state: bool = False) -> dict[int, Path]:
-    """The folders of this job's nodes under reports_dir (same rendezvous id and scenario, started close
-    together), the closest in time per node: those with a complete report, or with `collected_only`,
-    those whose collectors have finished, or with `any_state`, every one."""
-    found: dict[int, tuple[float, Path]] = {}
-    for nf in reports_dir.glob(f"*/{NODE_FILE}"):
-        other = read_node_info(nf.parent)
-        if other is None or other.rdzv_id != info.rdzv_id or other.scenario != info.scenario:
-            continue
-        done = any_state or (other.collected_t > 0 if collected_only else (nf.parent / "report.json").exists())
-        if abs(other.started_t - info.started_t) > window_s or not done:
-            continue
-        best = found.get(other.node_rank)
-        dist = abs(other.started_t - info.started_t)
-        if best is None or dist < best[0]:
-            found[other.node_rank] = (dist, nf.parent)
-    return {k: v[1] for k, v in sorted(found.items())}
-
-
-def other_nodes_collected(reports_dir: Path, info: NodeInfo) -> bool:
-    """Whether every other node of this job has its verdict and evidence, seen beside this node's folder."""
-    found = find_node_dirs(reports_dir, info, collected_only=True)
-    return all(k in found for k in range(info.nnodes) if k != info.node_rank)
+    return out, diagnose(out, ev, ctx)
 
 
 def auto_merge(run_dir: RunDir, info: NodeInfo, reports_dir: Path, wait_s: float) -> tuple[RunDir | None, str]:

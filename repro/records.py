@@ -7,26 +7,40 @@ can be published (``vdiag report --schema``). Bump REPORT_SCHEMA_VERSION on any 
 
 from __future__ import annotations
 
+import enum
+import os
+import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 REPORT_SCHEMA_VERSION = "1.2"  # 1.1: Report.observed (watch/attach), Verdict.cls "interrupted"; 1.2: Report.faults, Verdict.ranks, WatchdogVerdict.stragglers/patience_s/interrupted_by, RankExit.error_line
 
 
+#: VDIAG_STRICT_RECORDS=1 (the test suite sets it) makes an unknown field in any record an error, so that a
+#: writer cannot drop a field silently; without it readers ignore unknown fields (a newer vdiag's records).
+STRICT_RECORDS = os.environ.get("VDIAG_STRICT_RECORDS") == "1"
+
+
 class _Rec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid" if STRICT_RECORDS else "ignore")
+
+
+class _Event(_Rec):
+    """A line of a rank's launch log: built by the writer (`repro.events.LaunchLogWriter.emit`), parsed back."""
+
+    rank: int
+    t: float = Field(default_factory=time.time)
 
 
 # ---- what the workers write (launch logs) ----------------------------------------------------------
 
 
-class LaunchEvent(_Rec):
+class LaunchEvent(_Event):
     """One fused (or unfused) all-reduce + RMSNorm call, written and flushed before the launch."""
 
-    rank: int
+    ev: Literal["launch"] = "launch"
     seq: int
-    t: float
     call: int
     phase: str
     size: int
@@ -42,15 +56,15 @@ class LaunchEvent(_Rec):
     cluster: tuple[int, int, int] | None = None
     kernel: str | None = None
     ws: str | None = None
+    graph: bool = False  # the captured run (a CUDA graph on GPU backends)
     args: dict[str, Any] = {}
 
 
-class ResultEvent(_Rec):
+class ResultEvent(_Event):
     """The checked outcome of one call (issue: silent corruption)."""
 
-    rank: int
+    ev: Literal["result"] = "result"
     seq: int
-    t: float
     ok: bool
     max_err: float = 0.0
     n_wrong: int = 0
@@ -60,9 +74,8 @@ class ResultEvent(_Rec):
     call_s: float | None = None  # launch to return, the check left out
 
 
-class WorkspaceEvent(_Rec):
-    rank: int
-    t: float
+class WorkspaceEvent(_Event):
+    ev: Literal["workspace"] = "workspace"
     ok: bool
     backend: str
     rendezvous_group: tuple[int, ...]
@@ -71,20 +84,27 @@ class WorkspaceEvent(_Rec):
     peer_owner_ranks: tuple[int, ...] = ()
     fallback: bool = False
     error: str = ""
+    # real vLLM (the instrumentation): which FlashInfer entry created it, and how it rendezvoused
+    entry: str = ""
+    fi_backend: str = ""
+    rendezvous: str = ""
+    tp_size: int | None = None
+    max_token_num: int | None = None
+    hidden_dim: int | None = None
+    peer_ptrs: list[list[str]] = []
 
 
-class PhaseEvent(_Rec):
-    rank: int
-    t: float
+class PhaseEvent(_Event):
+    ev: Literal["phase"] = "phase"
     phase: str
     index: int = 0
     total: int = 0
     size: int | None = None
+    label: str = ""
 
 
-class HelloEvent(_Rec):
-    rank: int
-    t: float
+class HelloEvent(_Event):
+    ev: Literal["hello"] = "hello"
     pid: int
     host: str
     pp_stage: int
@@ -92,21 +112,22 @@ class HelloEvent(_Rec):
     device: str = "cpu"
     device_index: int | None = None
     backend: str = "sim"
+    gpu_name: str = ""
+    shared_gpu: bool = False  # several local ranks on this GPU
+    engine: str = ""  # "vllm" for real vLLM; "" for the replay
 
 
-class DoneEvent(_Rec):
-    rank: int
-    t: float
+class DoneEvent(_Event):
+    ev: Literal["done"] = "done"
     calls: int
     wrong_calls: int
     check_s: float | None = None  # seconds spent checking results, for the checking benchmark
 
 
-class FaultEvent(_Rec):
+class FaultEvent(_Event):
     """An injected fault that fired on this rank (`index` is its place in the scenario's `faults:` list)."""
 
-    rank: int
-    t: float
+    ev: Literal["fault"] = "fault"
     index: int
     kind: str
     phase: str = ""
@@ -114,6 +135,18 @@ class FaultEvent(_Rec):
     layer: int | None = None
     sub: int | None = None
     call: int | None = None
+
+
+class ErrorEvent(_Event):
+    """An exception a worker caught and reported before it exited."""
+
+    ev: Literal["error"] = "error"
+    where: str
+    error: str
+    seq: int | None = None
+
+
+LogEvent = LaunchEvent | ResultEvent | WorkspaceEvent | PhaseEvent | HelloEvent | DoneEvent | FaultEvent | ErrorEvent
 
 
 class RankLog(_Rec):
@@ -221,6 +254,12 @@ class StackSample(_Rec):
     warning: str = ""
 
 
+#: Where a hung rank's GPU state came from.
+GpuSource = Literal["cuda-gdb attach", "cuda core dump"]
+#: Where a hung rank's kernel name came from: its GPU state, else computed from (or read off) its launch record.
+KernelSource = Literal["computed from the launch record", "launch record", "cuda-gdb attach", "cuda core dump", ""]
+
+
 class GpuKernel(_Rec):
     name: str
     device: int | None = None
@@ -234,7 +273,7 @@ class GpuKernel(_Rec):
 class GpuState(_Rec):
     rank: int
     pid: int
-    source: str  # "cuda-gdb attach" | "cuda core dump"
+    source: GpuSource
     kernels: list[GpuKernel] = []
     raw_path: str = ""
     seconds: float = 0.0
@@ -284,7 +323,67 @@ class EnvInfo(_Rec):
     command_line: str = ""
 
 
+class WaitSite(str, enum.Enum):
+    """A known place a hung rank waits in (from its stack or its GPU state); `label` is its short name.
+
+    The analysis holds each site's description; tables (gpu/validate.py) show the label."""
+
+    LAMPORT_POLL = "lamport-poll"
+    TWOSHOT_BARRIER = "twoshot-barrier"
+    CTA_COUNTER = "cta-counter"
+    TWOSHOT_GPU = "twoshot-gpu"  # cuda-gdb's view: the two-shot kernel, barrier and counter not told apart
+    FILE_LOCK = "file-lock"
+    CHILD_PROCESS = "child-process"
+    HOST_ALL_REDUCE = "host-all-reduce"
+    HOST_BARRIER = "host-barrier"
+    RENDEZVOUS = "rendezvous"
+    DEVICE_SYNC = "device-sync"
+
+    @property
+    def label(self) -> str:
+        return _WAIT_LABELS[self]
+
+
+_WAIT_LABELS = {
+    WaitSite.LAMPORT_POLL: "Lamport poll", WaitSite.TWOSHOT_BARRIER: "two-shot barrier",
+    WaitSite.CTA_COUNTER: "CTA counter", WaitSite.TWOSHOT_GPU: "two-shot barrier/counter",
+    WaitSite.FILE_LOCK: "file lock", WaitSite.CHILD_PROCESS: "child process",
+    WaitSite.HOST_ALL_REDUCE: "host all_reduce", WaitSite.HOST_BARRIER: "host barrier",
+    WaitSite.RENDEZVOUS: "host rendezvous", WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize",
+}
+
+
 # ---- findings ----------------------------------------------------------------------------------------
+
+
+class CallRef(_Rec):
+    """The call a finding points at: the launch record's naming fields (`repro.report.format.call_fields`);
+    a wrong result adds its error; `seq` alone when the launch record is missing. Only the fields that were
+    set are written (and read back), so the call's text is the same from the run and from `report.json`."""
+
+    phase: str | None = None
+    size: int | None = None
+    layer: int | None = None
+    sub: int | None = None
+    call: int | None = None
+    token_num: int | None = None
+    op: str | None = None
+    oneshot: bool | None = None
+    max_err: float | None = None
+    first_wrong_element: int | None = None
+    seq: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set}
+
+    def __bool__(self) -> bool:
+        return bool(self.model_fields_set)
+
+    def fields(self) -> dict[str, Any]:
+        """The fields that were set, in order."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
 
 
 class Divergence(_Rec):
@@ -292,7 +391,7 @@ class Divergence(_Rec):
     index: int
     field: str  # token_num | oneshot | grid | block | cluster | calls | op
     values: dict[int, Any]
-    call: dict[str, Any] = {}
+    call: CallRef = CallRef()
     text: str = ""
 
 
@@ -314,16 +413,26 @@ class CorruptionFinding(_Rec):
     rank: int
     wrong_calls: int
     total_calls: int
-    first: dict[str, Any]
+    first: CallRef
     kind: str
+    kinds: dict[str, int] = {}  # every wrong call's kind, counted (the first call's kind is `kind`)
     detail: str = ""
 
 
 HypothesisStatus = Literal["supported", "consistent", "refuted", "no-evidence"]
+#: The hypotheses the analysis weighs (repro.analysis.hypotheses), by key.
+HypothesisKey = Literal[
+    "launch-divergence", "protocol-mismatch", "workspace-aliasing", "missing-peer", "flag-out-of-step",
+    "host-collective", "jit-lock", "straggler",
+]
+#: A verdict's class: the watchdog's hang class, or silent corruption found in a run that finished.
+VerdictClass = Literal[
+    "spin-deadlock", "all-spinning", "host-wait", "crash", "slow", "clean", "timeout", "interrupted", "corruption",
+]
 
 
 class Hypothesis(_Rec):
-    key: str
+    key: HypothesisKey
     title: str
     status: HypothesisStatus
     score: float
@@ -338,20 +447,20 @@ class RankWhere(_Rec):
     state: str  # spinning | idle | straggler | finished
     kernel: str = ""  # the kernel's name, no template arguments
     geometry: str = ""  # grid, block, cluster
-    kernel_source: str = ""  # "computed from the launch record" | "cuda core dump" | "cuda-gdb attach"
+    kernel_source: KernelSource = ""
     site: str = ""  # what it waits in, from its stack (or its GPU state)
-    call: dict[str, Any] = {}
+    call: CallRef = CallRef()
 
 
 class Verdict(_Rec):
-    cls: str
+    cls: VerdictClass
     headline: str
     paragraph: str
     spinning: list[int] = []
     idle: list[int] = []
     kernel: str = ""
-    call: dict[str, Any] = {}
-    top_hypothesis: str = ""
+    call: CallRef = CallRef()
+    top_hypothesis: HypothesisKey | Literal[""] = ""
     ranks: list[RankWhere] = []  # every hung rank's own kernel and wait site
 
 
@@ -385,7 +494,7 @@ class FaultOutcome(_Rec):
     kind: str
     ranks: list[int]
     selector: dict[str, Any] = {}
-    fired_on: dict[int, list[dict[str, Any]]] = {}  # rank -> the calls it fired at
+    fired_on: dict[int, list[CallRef]] = {}  # rank -> the calls it fired at
     warning: str = ""  # set when the selector can never match (scenario.fault_warnings)
 
     @property

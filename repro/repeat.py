@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from repro.diagnose import HANG_CLASSES
 from repro.errors import EnvironmentProblem, ExitCode, ScenarioError
-from repro.run import HANG_CLASSES
 
 if TYPE_CHECKING:
     from rich.console import Console

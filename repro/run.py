@@ -1,4 +1,4 @@
-"""`vdiag run`: scenario -> launch -> watchdog -> collectors -> analysis -> report, and the exit code."""
+"""`vdiag run`: scenario -> torchrun -> watchdog -> collectors -> `repro.diagnose` (analysis, report), exit code."""
 
 from __future__ import annotations
 
@@ -17,20 +17,24 @@ from typing import Any
 
 from rich.console import Console
 
-from repro import __version__
-from repro.analysis import analyze, fault_outcomes
+from repro.diagnose import HANG_CLASSES, Evidence, RunContext, diagnose
 from repro.errors import EnvironmentProblem, ExitCode, Interrupted, ScenarioError
-from repro.launch import Launch, NodeSpec, sweep_shm
-from repro.launchlog import read_rank_log
-from repro.layout import place
+from repro.events import read_rank_log
 from repro.live import LiveView
-from repro.merge import NodeInfo
+from repro.merge import auto_merge
+from repro.multinode import (
+    NodeInfo,
+    check_multinode,
+    discover_local_ranks,
+    linger_for_other_nodes,
+    node_note,
+    write_run_node_info,
+)
 from repro.records import (
     CollectorRun,
     EnvInfo,
     GpuState,
     RankLog,
-    RankSummary,
     Report,
     StackSample,
     WatchdogVerdict,
@@ -38,9 +42,8 @@ from repro.records import (
 from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Scenario, dump_resolved, fault_warnings, load_scenario
+from repro.torchrun import Launch, NodeSpec, sweep_shm
 from repro.watchdog import Watchdog
-
-HANG_CLASSES = ("spin-deadlock", "all-spinning", "host-wait", "timeout")
 
 
 @dataclass
@@ -217,20 +220,6 @@ def _collect(
     return stacks, gpu, runs, env
 
 
-def gpu_state_notes(gpu: list[GpuState], runs: list[CollectorRun]) -> list[str]:
-    """Which source gave the GPU state, with its time (issue 11: attach vs core dump)."""
-    out = []
-    for src in sorted({g.source for g in gpu}):
-        got = sorted(g.rank for g in gpu if g.source == src)
-        secs = [g.seconds for g in gpu if g.source == src]
-        out.append(f"GPU state from {src} for ranks {','.join(map(str, got))} "
-                   f"({min(secs):.1f}-{max(secs):.1f} s per rank)")
-    dumps = [c for c in runs if c.name == "cuda core dump" and c.ok]
-    if dumps:
-        out.append("the CUDA core dump ended the dumped processes (taken last); dumps kept under gpu/core.*")
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -239,50 +228,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def exit_code_for(wd: WatchdogVerdict, any_wrong: bool) -> ExitCode:
-    if wd.cls == "crash":
-        return ExitCode.CRASH
-    if wd.cls in HANG_CLASSES or any_wrong:
-        return ExitCode.REPRODUCED
-    return ExitCode.CLEAN
-
-
-def summarize_ranks(logs: dict[int, RankLog], wd: WatchdogVerdict, tp: int, pp: int) -> list[RankSummary]:
-    out = []
-    crashed = {c.rank for c in wd.crashed}
-    for r in sorted(logs):
-        lg = logs[r]
-        p = place(r, tp, pp)
-        if r in crashed:
-            state = "crashed"
-        elif lg.done is not None:
-            state = "finished"
-        elif r in wd.busy_ranks:
-            state = "spinning"
-        elif wd.is_hang:
-            state = "idle"
-        else:
-            state = "stopped"
-        out.append(RankSummary(
-            rank=r, pp_stage=p.pp_stage, tp_rank=p.tp_rank, pid=lg.hello.pid if lg.hello else None,
-            device=lg.hello.device if lg.hello else "cpu", calls_done=len(lg.results),
-            wrong_calls=sum(1 for x in lg.results if not x.ok),
-            last_phase=lg.phases[-1].phase if lg.phases else "", pending=lg.pending_launch() if wd.is_hang else None,
-            state=state,
-        ))
-    return out
-
-
-def read_logs(run_dir: RunDir, world: int) -> dict[int, RankLog]:
-    return {r: read_rank_log(run_dir.launch_log(r), r) for r in range(world)}
-
-
 def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = None) -> RunOutcome:
     console = console or Console(stderr=True)
     sc = load_scenario(path, opts.overrides)
     sc, notes = resolve_backend(sc)
-    if sc.engine == "vllm":  # real vLLM in every worker (repro/engine_vllm.py, docs/vllm-engine.md)
-        from repro import engine_vllm
+    if sc.engine == "vllm":  # real vLLM in every worker (repro/engines/vllm/runner.py, docs/vllm-engine.md)
+        from repro.engines.vllm import runner as engine_vllm
 
         sc, vllm_notes = engine_vllm.prepare(sc, gpu_count(), opts.node.nnodes)
         notes.extend(vllm_notes)
@@ -337,7 +288,7 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
                                   f"nodes at {opts.node.rdzv_endpoint} (rendezvous id {opts.node.rdzv_id})",
                                   markup=False, highlight=False)
                 local_ranks = discover_local_ranks(run_dir, launch)
-                node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name)
+                node_info = write_run_node_info(opts.node, run_dir, local_ranks, started, sc.name)
             title = f"vdiag {sc.name}: {sc.backend}, tp={sc.parallel.tp} pp={sc.parallel.pp}"
             with LiveView(console, sc.parallel.tp, sc.parallel.pp, title) as view:
                 dog = Watchdog(run_dir, launch, world, sc.watchdog, observers=[view] if opts.live else [],
@@ -348,7 +299,8 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
             stacks, gpu, runs, env = _collect(run_dir, sc, logs, wd_verdict, opts, have=dog.probe_stacks,
                                               have_runs=dog.probe_runs)
             if node_info is not None:
-                node_info = _write_node_info(opts, run_dir, local_ranks, started, sc.name, collected=True)
+                node_info = write_run_node_info(opts.node, run_dir, local_ranks, started, sc.name,
+                                                collected=True)
                 linger_for_other_nodes(launch, wd_verdict, node_info, opts.reports_dir)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP (stop_signals): keep what was collected
             interrupted = e.signame if isinstance(e, Interrupted) else "SIGINT"
@@ -367,63 +319,21 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
         elif interrupted:  # stopped after the verdict, while collecting: the verdict stands
             wd_verdict = wd_verdict.model_copy(update={"interrupted_by": interrupted})
         logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in local_ranks}
-        tp, pp = sc.parallel.tp, sc.parallel.pp
-        from repro.collectors.locks import load_locks
-
-        locks = load_locks(run_dir.root)
-        analysis = analyze(logs, wd_verdict, stacks, gpu, tp=tp, pp=pp, fused=sc.fusion_enabled(),
-                           pattern=sc.fusion.pattern, fp32_acc=sc.fusion.fp32_acc, locks=locks)
-        from repro.cupti_trace import cupti_findings
-
-        cupti_checks, cupti_notes = cupti_findings(run_dir.root, logs, hang=wd_verdict.is_hang)
-        if cupti_checks:  # launches the driver saw, against the computed launch configurations
-            analysis = analysis.model_copy(update={"grid_checks": [*analysis.grid_checks, *cupti_checks]})
-        notes.extend(cupti_notes)
-        notes.extend(gpu_state_notes(gpu, runs))
-        if sc.engine == "vllm":  # vLLM's version, commit and resolved config, from the workers
-            from repro import engine_vllm
-
-            vllm_notes, vllm_versions = engine_vllm.report_facts(run_dir.root)
-            notes.extend(vllm_notes)
-            env = env.model_copy(update={"versions": {**env.versions, **vllm_versions}})
-        any_wrong = bool(analysis.corruption)
-        code = exit_code_for(wd_verdict, any_wrong)
-        if interrupted:
-            code = Interrupted(interrupted).exit_code
-            notes.append(f"the run was interrupted by {Interrupted(interrupted).how}; every process and shared-memory "
-                         "segment was cleaned up and the report holds what was collected until then")
-        placement = "CPU processes, one per rank (sim)" if sc.backend == "sim" else ""
-        if sc.backend != "sim":
-            from repro.backends.gpu_reference import placement_text
-
-            placement = placement_text({r: (lg.hello.device, None) for r, lg in logs.items() if lg.hello},
-                                       sc.backend, sc.fusion.workspace_group, sc.fusion_enabled())
-        if node_info is not None:
-            from repro.merge import node_note
-
-            notes.append(node_note(node_info))
-        report = Report(
-            vdiag_version=__version__, scenario_name=sc.name, scenario_file=str(path),
-            scenario_yaml=run_dir.scenario_yaml.read_text(), run_dir=str(run_dir.root),
-            started=started.isoformat(timespec="seconds"), duration_s=round(time.monotonic() - t0, 2),
-            backend=sc.backend, engine=sc.engine, world_size=world, tp=tp, pp=pp,
-            fusion_enabled=sc.fusion_enabled(), payload_width=sc.payload_width(), hidden=sc.model.hidden_size,
-            exit_code=int(code), expect=sc.expect, placement=placement,
-            ranks=summarize_ranks(logs, wd_verdict, tp, pp), watchdog=wd_verdict, analysis=analysis,
-            stacks=stacks, gpu=gpu, locks=locks, collectors=runs, env=env, notes=notes,
-            faults=fault_outcomes(sc, logs, warnings),
-        )
-        report = write_report(run_dir, report)
+        ev = Evidence(watchdog=wd_verdict, stacks=stacks, gpu=gpu, collectors=runs, env=env, notes=notes, logs=logs)
+        ctx = RunContext(scenario=sc, ranks=local_ranks, scenario_file=str(path),
+                         started=started.isoformat(timespec="seconds"), duration_s=time.monotonic() - t0,
+                         warnings=warnings, interrupted=interrupted,
+                         extra_notes=[node_note(node_info)] if node_info is not None else [])
+        report = diagnose(run_dir, ev, ctx)
+        code = report.exit_code
         if not opts.quiet:
             from repro.report.terminal import render_terminal
 
             render_terminal(report, console)
     if interrupted:
         raise Interrupted(interrupted)
-    outcome = RunOutcome(report=report, run_dir=run_dir, exit_code=int(code))
+    outcome = RunOutcome(report=report, run_dir=run_dir, exit_code=code)
     if node_info is not None and node_info.node_rank == 0 and opts.merge_wait_s > 0:
-        from repro.merge import auto_merge
-
         outcome.merged_dir, outcome.merge_message = auto_merge(run_dir, node_info, opts.reports_dir,
                                                                opts.merge_wait_s)
     return outcome
@@ -485,137 +395,4 @@ def interrupted_verdict(run_dir: RunDir, dog: Watchdog | None, by: str) -> Watch
     return v
 
 
-def rebuild_report(run_dir: RunDir) -> Report:
-    """A report from a run folder's records alone, for a run that wrote none (vdiag was killed: SIGKILL,
-    an out-of-memory kill): scenario, launch logs, the watchdog's verdict if it had one, the stacks taken."""
-    from repro.collectors.stacks import parse_pyspy
-
-    try:
-        sc = Scenario.model_validate_json(run_dir.scenario_json.read_text())
-    except (OSError, ValueError):
-        raise ScenarioError(f"{run_dir.root}: no report.json and no readable scenario.json; give a folder that "
-                            "`vdiag run` created") from None
-    ranks = run_dir.ranks() or list(range(sc.world_size))
-    logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in ranks}
-    wd: WatchdogVerdict | None = None
-    with contextlib.suppress(OSError, ValueError):
-        wd = WatchdogVerdict.model_validate_json(run_dir.watchdog_json.read_text())
-    notes = ["rebuilt by `vdiag report` from the run folder's records: vdiag ended without writing a report "
-             "(killed by a signal it cannot catch, such as SIGKILL, or it died)"]
-    if wd is None:
-        times = [e.t for lg in logs.values() for e in lg.launches] + [e.t for lg in logs.values() for e in lg.results]
-        first = [lg.hello.t for lg in logs.values() if lg.hello is not None]
-        wd = WatchdogVerdict(cls="interrupted", stall_s=0.0, started_t=min(first or [0.0]),
-                             last_progress_t=max(times) if times else None, verdict_t=max(times or [0.0]),
-                             note="no verdict was reached", interrupted_by="killed")
-    stacks: list[StackSample] = []
-    for r, lg in logs.items():
-        f = run_dir.stack_file(r)
-        if f.exists() and lg.hello is not None:
-            with contextlib.suppress(Exception):
-                stacks.append(StackSample(rank=r, pid=lg.hello.pid, source="py-spy",
-                                          threads=parse_pyspy(f.read_text(errors="replace"))))
-    tp, pp = sc.parallel.tp, sc.parallel.pp
-    analysis = analyze(logs, wd, stacks, [], tp=tp, pp=pp, fused=sc.fusion_enabled(), pattern=sc.fusion.pattern,
-                       fp32_acc=sc.fusion.fp32_acc)
-    code = ExitCode.KILLED if wd.cls == "interrupted" else exit_code_for(wd, bool(analysis.corruption))
-    started = dt.datetime.fromtimestamp(wd.started_t, dt.timezone.utc) if wd.started_t else None
-    warnings = fault_warnings(sc, sc.name)
-    return Report(
-        vdiag_version=__version__, scenario_name=sc.name, scenario_file="",
-        scenario_yaml=run_dir.scenario_yaml.read_text() if run_dir.scenario_yaml.exists() else "",
-        run_dir=str(run_dir.root), started=started.isoformat(timespec="seconds") if started else "",
-        duration_s=round(max(0.0, wd.verdict_t - wd.started_t), 2), backend=sc.backend, engine=sc.engine,
-        world_size=sc.world_size, tp=tp, pp=pp, fusion_enabled=sc.fusion_enabled(),
-        payload_width=sc.payload_width(), hidden=sc.model.hidden_size, exit_code=int(code), expect=sc.expect,
-        ranks=summarize_ranks(logs, wd, tp, pp), watchdog=wd, analysis=analysis, stacks=stacks,
-        notes=notes + [w.split(": warning: ", 1)[-1] for w in warnings], faults=fault_outcomes(sc, logs, warnings),
-    )
-
-
-def write_report(run_dir: RunDir, report: Report) -> Report:
-    """Render report.md, report.json and the activity picture from the records (also `vdiag report`)."""
-    from repro.report import json_report, markdown
-    from repro.report.timeline import render_activity
-    from repro.watchdog import load_activity
-
-    samples = load_activity(run_dir.activity)
-    meta = {r.rank: f"r{r.rank} pp{r.pp_stage} tp{r.tp_rank}" for r in report.ranks}
-    with contextlib.suppress(Exception):
-        stall_t = (report.watchdog.last_progress_t or 0) + report.watchdog.stall_s if report.watchdog.is_hang else None
-        render_activity(samples, run_dir.activity_svg, ranks_meta=meta, stall_t=stall_t,
-                        verdict_t=report.watchdog.verdict_t)
-        report = report.model_copy(update={"activity_plot": run_dir.activity_svg.name})
-    json_report.render(report, run_dir.report_json)
-    markdown.render(report, run_dir.report_md)
-    return report
-
-
-# ---- multi-node (docs/multinode.md): one vdiag per node, each watching the ranks torchrun put there ----
-
-MULTINODE_LINGER_S = 5.0
-
-
-def check_multinode(sc: Scenario, node: NodeSpec, path: str | Path) -> None:
-    """What a multi-node run needs beyond one node: an endpoint, and for the sim, node-local TP groups."""
-    if not node.rdzv_endpoint:
-        raise ScenarioError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node (node 0's address)")
-    if not 0 <= node.node_rank < node.nnodes:
-        raise ScenarioError(f"--node-rank {node.node_rank}: must be 0..{node.nnodes - 1} for --nnodes {node.nnodes}")
-    per_node = sc.world_size // node.nnodes
-    if sc.backend == "sim" and sc.fusion_enabled():
-        if per_node % sc.parallel.tp:
-            raise ScenarioError(
-                f"{path}: the sim shares workspaces through /dev/shm, so each TP group must sit on one node: "
-                f"{per_node} ranks per node is not a multiple of tp={sc.parallel.tp}"
-            )
-        if sc.fusion.workspace_group == "world" and sc.parallel.pp > 1:
-            raise ScenarioError(
-                f"{path}: fusion.workspace_group: world maps other nodes' buffers, which the sim (CPU shared "
-                "memory) cannot reach across nodes; use workspace_group: tp, or run on one node"
-            )
-
-
-def discover_local_ranks(run_dir: RunDir, launch: Launch, timeout: float = 300.0) -> list[int]:
-    """The global ranks torchrun started on this node: c10d's rendezvous orders nodes by host name (and
-    process id), whatever --node-rank says, so read them from the launch logs the workers open first."""
-    deadline = time.monotonic() + timeout
-    want = launch.nproc_per_node
-    while time.monotonic() < deadline:
-        ranks = run_dir.ranks()
-        if len(ranks) >= want or launch.returncode() is not None:
-            break
-        time.sleep(0.1)
-    ranks = run_dir.ranks()
-    if not ranks:  # nothing started: fall back to the --node-rank block so the watchdog reports it
-        first = launch.node.node_rank * want
-        return list(range(first, first + want))
-    return ranks
-
-
-def _write_node_info(
-    opts: RunOptions, run_dir: RunDir, ranks: list[int], started: dt.datetime, name: str, collected: bool = False
-) -> NodeInfo:
-    from repro.merge import make_node_info, write_node_info
-
-    info = make_node_info(opts.node.nnodes, opts.node.node_rank, opts.node.rdzv_endpoint, opts.node.rdzv_id,
-                          ranks, started.timestamp(), name)
-    if collected:
-        info = info.model_copy(update={"collected_t": time.time()})
-    write_node_info(run_dir, info)
-    return info
-
-
-def linger_for_other_nodes(launch: Launch, wd: WatchdogVerdict, info: NodeInfo, reports_dir: Path) -> None:
-    """Keep this node's hung ranks alive a little after its verdict, so that the other nodes' watchdogs
-    see the same hang rather than the job ending under them when this node tears down. Ends early once
-    every other node has collected its evidence, as seen beside this folder (a shared reports folder)."""
-    from repro.merge import other_nodes_collected
-
-    if not wd.is_hang:
-        return
-    deadline = wd.verdict_t + min(wd.stall_s, 10.0) + MULTINODE_LINGER_S
-    while time.time() < deadline and launch.returncode() is None:
-        if other_nodes_collected(reports_dir, info):
-            return
-        time.sleep(0.2)
+#END

@@ -321,7 +321,7 @@ class Scenario(_Strict):
         return {"profile": [self.capture.max_num_batched_tokens], "warmup": order[:1], "capture": order}
 
     def call_plan(self) -> Iterator[tuple[str, int, int, int, int]]:
-        """Every call of the replay in order, as (phase, size, layer, sub, call) (repro/replay.py's loop)."""
+        """Every call of the replay in order, as (phase, size, layer, sub, call) (repro/engines/replay/replay.py's loop)."""
         call = 0
         steps = [("profile", self.capture.max_num_batched_tokens), ("warmup", self.capture.ordered()[0])]
         for size in self.capture.ordered():

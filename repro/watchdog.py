@@ -26,12 +26,12 @@ from typing import Any
 
 import psutil
 
-from repro.launch import Launch
-from repro.launchlog import LogTail
+from repro.events import LogTail
 from repro.records import ActivitySample, CollectorRun, RankExit, StackSample, Straggler, WatchdogVerdict
 from repro.redact import redact_text
 from repro.rundir import RunDir
 from repro.scenario import Watchdog as WatchdogConfig
+from repro.torchrun import Launch
 
 STARTUP_GRACE_S = 20.0  # before the first call completes (imports, rendezvous, workspace creation)
 STARTUP_TIMEOUT_S = 300.0  # until every rank has said hello

@@ -15,6 +15,10 @@ from typing import Any
 import psutil
 import pytest
 
+# Every record vdiag writes must be one its models know: an unknown field is an error in the whole suite
+# (this process, the vdiag CLI it starts and their torchrun workers), not silently dropped.
+os.environ["VDIAG_STRICT_RECORDS"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from repro.launch_math import LaunchConfig
+from repro.kernel_launch import LaunchConfig
 
 
 @dataclass

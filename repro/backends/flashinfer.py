@@ -275,7 +275,7 @@ class FlashInferBackend:
         return f"twoshot|{self.pattern_code}|{ctype}|{self.tp}|{acc}|None"
 
     def launch_attrs(self, oneshot: bool) -> dict[str, int]:
-        """Keyword arguments for repro.launch_math.launch_config from this device and module."""
+        """Keyword arguments for repro.kernel_launch.launch_config from this device and module."""
         dev = self.sc.device
         regs = self.facts.get("regs", {}).get(self._fact_key(oneshot), dev.regs_per_thread)
         # FlashInfer queries the one-shot kernel's cluster limit (trigger=true variant) for both protocols.
@@ -477,7 +477,7 @@ class FlashInferBackend:
 
 
 def make(sc: Any, rank: int, tp_group: Any, tp_ranks: tuple[int, ...], max_tokens: int) -> FlashInferBackend:
-    """The replay's factory (repro.replay._make_backend)."""
+    """The replay's factory (repro.engines.replay.replay._make_backend)."""
     import torch
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

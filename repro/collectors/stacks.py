@@ -6,7 +6,7 @@ For each rank, in parallel:
 2. If ``--native`` fails for another reason than a ptrace refusal (py-spy issue #822, "failed to get os
    threadid", is common on vLLM workers), retry without it and say so in ``StackSample.warning``.
 3. If py-spy is missing, refused ptrace, or fails otherwise, send SIGUSR1 to the worker, which registered
-   ``faulthandler`` on it (see `repro.worker`), and read the dump it appends to
+   ``faulthandler`` on it (see `repro.engines.worker`), and read the dump it appends to
    ``stacks/rank{r}.faulthandler.txt``. The signal is only sent to a process that catches SIGUSR1 (read
    from /proc), since its default action would kill the worker.
 
@@ -213,7 +213,7 @@ def faulthandler_dump(
         return fail(
             f"process {pid} does not handle SIGUSR1 (no faulthandler registered); not signalled, "
             "since that would kill it",
-            "start workers through repro.worker, which registers faulthandler on SIGUSR1",
+            "start workers through repro.engines.worker, which registers faulthandler on SIGUSR1",
         )
     before = _file_size(path)
     try:

@@ -1,3 +1,3 @@
-"""Sub-command groups that live outside cli.py. Each module defines `register(app: typer.Typer) -> None`."""
+"""The commands; cli.py only registers them. Each module defines `register(app: typer.Typer) -> None`."""
 
-MODULES = ("bisect", "minimize", "doctor", "vllm_scenario", "watch", "attach")
+MODULES = ("run", "report", "scenario", "bisect", "minimize", "doctor", "vllm_scenario", "watch", "attach")

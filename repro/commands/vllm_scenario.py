@@ -3,7 +3,7 @@
 It reads the flags that matter to the fused all-reduce hang (-tp, -pp, --max-num-seqs,
 --max-num-batched-tokens, --max-model-len, --dtype, capture sizes, --compilation-config / -cc.* / -O, the
 pass-config fusion flags) and keeps every other flag as a comment. The parsing lives in
-`repro.vllm_args` so that it is tested without the command line.
+`repro.engines.vllm.args` so that it is tested without the command line.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def from_vllm(
     name: str = typer.Option(None, help="scenario name (default: from the model and the layout)"),
     force: bool = typer.Option(False, help="overwrite --output if it exists"),
 ) -> None:
-    from repro.vllm_args import parse_serve, scenario_yaml_from_serve
+    from repro.engines.vllm.args import parse_serve, scenario_yaml_from_serve
 
     if engine not in ("vllm", "replay"):
         raise ScenarioError(f"--engine {engine!r}: allowed values are vllm, replay")

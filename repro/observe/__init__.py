@@ -7,5 +7,6 @@
 - `monitor`: the stall rule (no progress for --stall-s, stragglers outside every known wait keep it
   watching) and the activity split into busy and idle processes;
 - `collect`: the collectors (py-spy, cuda-gdb, core dump, environment) pointed at those processes;
-- `session`: watch and attach from start to report (through `repro.diagnose`).
+- `session`: watch and attach from start to report (through `repro.diagnose`; the verdict paragraph of
+  an observed job is `repro.observed_verdict`'s).
 """

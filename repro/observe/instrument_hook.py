@@ -1,7 +1,7 @@
 """The import hook that `vdiag watch`'s sitecustomize registers in each Python process of the job.
 
 When the process imports FlashInfer's comm package or vLLM's GPU model runner / worker, the hook points
-`repro.instrument` at the run folder (``VDIAG_WATCH_DIR``) and installs its wrappers, so the fused calls
+`repro.engines.vllm.instrument` at the run folder (``VDIAG_WATCH_DIR``) and installs its wrappers, so the fused calls
 real vLLM makes land in ``launch/rank<R>.jsonl`` with their computed launch configurations. The rank is
 read from torch.distributed when the first record is written (vLLM's workers do not all carry ``RANK``).
 Nothing is imported before that: a process that never imports FlashInfer or vLLM pays only for this
@@ -35,7 +35,7 @@ def _configure() -> None:
     if _configured:
         return
     _configured = True
-    from repro import instrument
+    from repro.engines.vllm import instrument
 
     run_dir = Path(os.environ["VDIAG_WATCH_DIR"])
     (run_dir / "launch").mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def _configure() -> None:
 def _installed(kind: str) -> None:
     with _lock, contextlib.suppress(Exception):
         _configure()
-        from repro import instrument
+        from repro.engines.vllm import instrument
 
         if kind == "flashinfer":
             instrument.install_flashinfer(import_modules=())

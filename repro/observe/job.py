@@ -23,9 +23,9 @@ from typing import IO
 import psutil
 
 from repro.errors import EnvironmentProblem, ScenarioError
-from repro.launch import _pdeathsig
 from repro.observe.progress import ProgressScanner
 from repro.redact import redact_text
+from repro.torchrun import _pdeathsig
 
 END_GRACE_S = 5.0
 

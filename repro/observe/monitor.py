@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 
 from repro.analysis import where_waiting
 from repro.collectors.stacks import collect_stacks
-from repro.launchlog import LogTail
+from repro.events import LogTail
 from repro.observe.job import Job
 from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, Tracked
 from repro.records import ActivitySample, StackSample, WatchdogVerdict
+from repro.report.format import LIST, rank_label
 from repro.rundir import RunDir
 from repro.watchdog import GpuSampler
 
@@ -221,7 +222,7 @@ class Monitor:
                 if probe.outside and waiting_out < cfg.patience_s:
                     if not told:
                         where = "; ".join(f"rank {r}: {_innermost(probe.stacks.get(r))}" for r in probe.outside)
-                        self.say(f"vdiag: no progress for {idle_for:.0f} s, but {_ranks(probe.outside)} "
+                        self.say(f"vdiag: no progress for {idle_for:.0f} s, but {rank_label(probe.outside, run=LIST)} "
                                  f"{'is' if len(probe.outside) == 1 else 'are'} outside every known wait "
                                  f"({where}): still working on the host, so vdiag keeps watching "
                                  f"(up to {cfg.patience_s:g} s, --patience-s)")
@@ -231,7 +232,7 @@ class Monitor:
                 busy, idle, _ = classify(subjects, since, cfg.busy_cpu_pct)
                 note = ""
                 if probe.outside:
-                    note = (f"{_ranks(probe.outside)} stayed outside every known wait for {waiting_out:.0f} s "
+                    note = (f"{rank_label(probe.outside, run=LIST)} stayed outside every known wait for {waiting_out:.0f} s "
                             f"(patience {cfg.patience_s:g} s): stragglers, not shown to be deadlocked")
                 v = self._verdict(hang_class(busy, idle), subjects, since, note=note)
                 return MonitorResult(False, None, v, probe, subjects, numbered, since)
@@ -262,17 +263,13 @@ class Monitor:
             cls = hang_class(busy, idle) if live else "clean"
             note = f"attached to a running job; activity sampled for {seconds:g} s"
             if probe.outside:
-                note += (f"; {_ranks(probe.outside)} {'is' if len(probe.outside) == 1 else 'are'} outside every "
+                note += (f"; {rank_label(probe.outside, run=LIST)} {'is' if len(probe.outside) == 1 else 'are'} outside every "
                          "known wait (busy on the host, perhaps a straggler rather than a deadlock)")
             v = self._verdict(cls, subjects, start, note=note)
             v = v.model_copy(update={"stall_s": round(seconds, 3)})
             return MonitorResult(False, None, v, probe, subjects, numbered, start)
         finally:
             self.close()
-
-
-def _ranks(rs: list[int]) -> str:
-    return ("rank " if len(rs) == 1 else "ranks ") + ",".join(map(str, rs))
 
 
 def _innermost(s: StackSample | None) -> str:

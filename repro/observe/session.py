@@ -19,7 +19,7 @@ from repro.observe.job import Job
 from repro.observe.monitor import Monitor, MonitorResult, WatchConfig
 from repro.observe.progress import ProgressScanner
 from repro.observe.tree import ProcessTree, check_pid
-from repro.observe.verdict import wait_text
+from repro.observed_verdict import wait_text
 from repro.records import ObservedJob, Report
 from repro.redact import redact_argv
 from repro.rundir import RunDir

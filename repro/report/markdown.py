@@ -21,15 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from repro import errors
+from repro.errors import exit_meaning
 from repro.records import (
     Frame,
     Hypothesis,
-    LaunchEvent,
     RankSummary,
     Report,
     StackSample,
     ThreadStack,
+)
+from repro.report.format import (
+    TABLE,
+    call_text,
+    format_dims,
+    pending_call_text,
+    rank_label,
+    ranks_text,
+    value_text,
 )
 
 #: GitHub rejects issue bodies of 65,536 characters or more; keep a margin below it.
@@ -49,30 +57,9 @@ _STATUS_ORDER = {"supported": 0, "consistent": 1, "no-evidence": 2, "refuted": 3
 # ---- small formatting helpers (shared with the terminal renderer) --------------------------------------
 
 
-def format_ranks(ranks: Iterable[int]) -> str:
-    """`[1, 2, 3]` -> "1,2,3"; runs of four or more collapse: `[0, 4, 5, ..., 63]` -> "0,4-63"."""
-    values = sorted(set(ranks))
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        if j - i >= 3:
-            parts.append(f"{values[i]}-{values[j]}")
-        else:
-            parts.extend(str(v) for v in values[i : j + 1])
-        i = j + 1
-    return ",".join(parts)
-
-
-def rank_label(ranks: Sequence[int]) -> str:
-    """The label of a rank list: "rank 0", "ranks 1,2,3", "ranks 4-63"."""
-    return f"rank {ranks[0]}" if len(set(ranks)) == 1 else f"ranks {format_ranks(ranks)}"
-
-
-def format_dims(dims: tuple[int, int, int] | None) -> str:
-    return "" if dims is None else "(" + ",".join(str(d) for d in dims) + ")"
+def table_ranks(ranks: Iterable[int]) -> str:
+    """Ranks as a table cell: "1,2,3", "0,4-63"."""
+    return ranks_text(ranks, run=TABLE, empty="")
 
 
 def _span(values: Sequence[int]) -> str:
@@ -81,41 +68,6 @@ def _span(values: Sequence[int]) -> str:
         return ""
     lo, hi = min(values), max(values)
     return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def pending_call_text(ev: LaunchEvent | None) -> str:
-    """The call a rank launched and never returned from: "capture size=16 layer=3 sub=1 grid=(128,1,1) …"."""
-    if ev is None:
-        return ""
-    parts = [ev.phase, f"size={ev.size}", f"layer={ev.layer}", f"sub={ev.sub}"]
-    if ev.token_num != ev.size:
-        parts.append(f"tokens={ev.token_num}")
-    if ev.op == "unfused":
-        parts.append("unfused")
-    elif ev.oneshot is not None:
-        parts.append("oneshot" if ev.oneshot else "twoshot")
-    for name, dims in (("grid", ev.grid), ("block", ev.block), ("cluster", ev.cluster)):
-        if dims is not None:
-            parts.append(f"{name}={format_dims(dims)}")
-    return " ".join(parts)
-
-
-def call_text(call: dict[str, Any]) -> str:
-    """A call described as a dict (Divergence.call, Verdict.call): "phase size=… layer=… sub=…, more=…"."""
-    if not call:
-        return ""
-    head = [str(call["phase"])] if "phase" in call else []
-    for key in ("size", "layer", "sub"):
-        if key in call:
-            head.append(f"{key}={_value_text(call[key])}")
-    rest = [f"{k}={_value_text(v)}" for k, v in call.items() if k not in ("phase", "size", "layer", "sub")]
-    return " ".join(head + rest)
-
-
-def _value_text(value: Any) -> str:
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
-        return "(" + ",".join(str(v) for v in value) + ")"
-    return str(value)
 
 
 def frame_text(frame: Frame, *, short: bool = False) -> str:
@@ -128,18 +80,6 @@ def frame_text(frame: Frame, *, short: bool = False) -> str:
     if where:
         return f"{frame.function} ({where})"
     return frame.function
-
-
-def exit_meaning(code: int) -> str:
-    """The meaning of an exit code, read from the table in repro.errors (its one home)."""
-    for line in (errors.__doc__ or "").splitlines():
-        m = re.match(r"\|\s*(\d+)\s*\|\s*(.+?)\s*\|\s*$", line.strip())
-        if m and int(m.group(1)) == code:
-            return m.group(2)
-    try:
-        return errors.ExitCode(code).name.lower()
-    except ValueError:
-        return "not a vdiag exit code"
 
 
 def _n(count: int, word: str, plural: str = "") -> str:
@@ -468,9 +408,9 @@ def _summary(report: Report) -> str:
     if w.is_hang:
         wd += f", no progress for {w.stall_s:.1f} s"
     groups = [("busy", w.busy_ranks), ("idle", w.idle_ranks), ("finished", w.finished_ranks)]
-    listed = [f"{name} {format_ranks(rs)}" for name, rs in groups if rs]
+    listed = [f"{name} {table_ranks(rs)}" for name, rs in groups if rs]
     if w.crashed:
-        listed.append(f"crashed {format_ranks(c.rank for c in w.crashed)}")
+        listed.append(f"crashed {table_ranks(c.rank for c in w.crashed)}")
     if listed:
         wd += " (" + "; ".join(listed) + ")"
     facts.append(wd)
@@ -521,8 +461,8 @@ def _ranks_section(report: Report) -> _Section | None:
             label, state = f"**{label}**", f"**{state}**"
         cells = [
             label,
-            format_ranks(g.pp_stages),
-            format_ranks(g.tp_ranks),
+            table_ranks(g.pp_stages),
+            table_ranks(g.tp_ranks),
             _cell(_md(state, 100)),
             _cell(_md(g.last_phase, 200)),
             _span(g.calls_done),
@@ -629,7 +569,7 @@ def _divergence_section(report: Report) -> _Section | None:
         if call:
             lines[0] += f" ({_md(call, 300)})"
         for d in at_first:
-            values = ", ".join(f"rank {r}: {_value_text(v)}" for r, v in sorted(d.values.items()))
+            values = ", ".join(f"rank {r}: {value_text(v)}" for r, v in sorted(d.values.items()))
             line = f"- {_code(d.field)}: {_md(values, 600)}"
             if d.text:
                 line += f" — {_md(d.text, 600)}"
@@ -657,7 +597,7 @@ def _aliasing_section(report: Report) -> _Section | None:
         for r, grp in al.rendezvous_groups.items():
             by_rdv.setdefault(tuple(grp), []).append(r)
         for grp, rs in sorted(by_rdv.items(), key=lambda kv: min(kv[1])):
-            lines.append(f"- workspace rendezvoused over ({format_ranks(grp)}) by {rank_label(rs)}")
+            lines.append(f"- workspace rendezvoused over ({table_ranks(grp)}) by {rank_label(rs)}")
         for buf, owners in sorted(al.shared_buffers.items()):
             lines.append(f"- buffer {_code(_clip(buf, 120))} mapped by {rank_label(list(owners))}")
         items.append("\n".join(lines))

@@ -13,8 +13,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from repro.errors import exit_meaning
 from repro.records import Report
-from repro.report.markdown import exit_meaning, format_ranks, group_ranks, rank_label, sorted_hypotheses
+from repro.report.format import rank_label
+from repro.report.markdown import group_ranks, sorted_hypotheses, table_ranks
 from repro.rundir import RunDir
 
 #: Rows of the ranks table before the rest are counted.
@@ -104,8 +106,8 @@ def _ranks_table(report: Report) -> Table | None:
         wrong = max(g.wrong_calls)
         table.add_row(
             Text(rank_label(g.ranks), style="bold" if g.outlier else ""),
-            format_ranks(g.pp_stages),
-            format_ranks(g.tp_ranks),
+            table_ranks(g.pp_stages),
+            table_ranks(g.tp_ranks),
             Text(g.state, style=_STATE_STYLE.get(g.state, "")),
             g.last_phase,
             calls,

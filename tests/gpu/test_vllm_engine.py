@@ -22,7 +22,7 @@ def test_real_vllm_tp1_starts_clean_with_progress_from_its_capture_loop(tmp_path
     rep = r.report
     assert rep["engine"] == "vllm" and rep["watchdog"]["cls"] == "clean"
     assert rep["env"]["versions"].get("vllm")
-    from repro.launchlog import read_rank_log
+    from repro.events import read_rank_log
 
     phases = [e.model_dump() for e in read_rank_log(r.run_dir / "launch" / "rank0.jsonl", 0).phases]
     capture = [e for e in phases if e["phase"] == "capture" and e.get("total")]

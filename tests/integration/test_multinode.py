@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.launch import first_slurm_host, free_port, node_from_slurm, resolve_node
+from repro.torchrun import first_slurm_host, free_port, node_from_slurm, resolve_node
 from tests.conftest import ROOT, leftovers, run_vdiag, shm_names, vdiag_bin
 
 SCENARIO = """\

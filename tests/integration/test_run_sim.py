@@ -87,6 +87,33 @@ def test_report_renders_again_from_its_records(seed: VdiagRun, tmp_path: Path) -
     assert (seed.run_dir / "report.md").read_text() == before
 
 
+# Fields that report.json gained with the typed records (issue 16): an older vdiag's report.json has none.
+NEWER_FIELDS = {"ev", "graph", "kinds"}
+
+
+def _drop(data: object) -> object:
+    if isinstance(data, dict):
+        return {k: _drop(v) for k, v in data.items() if k not in NEWER_FIELDS}
+    if isinstance(data, list):
+        return [_drop(v) for v in data]
+    return data
+
+
+def test_an_older_report_json_still_renders(seed: VdiagRun, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    old = tmp_path / seed.run_dir.name
+    shutil.copytree(seed.run_dir, old)
+    data = json.loads((old / "report.json").read_text())
+    (old / "report.json").write_text(json.dumps(_drop(data), indent=2))
+    (old / "report.md").unlink()
+    again = run_vdiag(["report", str(old)], tmp_path / "out")  # the suite's strict records: unknown fields fail
+    assert again.rc == 0, again.stderr
+    assert (old / "report.md").read_text() == (seed.run_dir / "report.md").read_text().replace(
+        str(seed.run_dir), str(old))
+
+
 # ---- the fixes ----------------------------------------------------------------------------------
 
 
@@ -141,7 +168,7 @@ def test_missing_peer_spins_one_rank_and_idles_the_other(missing_peer: VdiagRun)
 
 def test_every_call_but_the_hung_one_has_its_checked_result(missing_peer: VdiagRun, token_divergence: VdiagRun) -> None:
     """A rank that hangs has a checked result, with the call's own duration, for every call it finished."""
-    from repro.launchlog import read_rank_log
+    from repro.events import read_rank_log
 
     for run in (missing_peer, token_divergence):
         for log in sorted((run.run_dir / "launch").glob("rank*.jsonl")):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from repro import checking as ck
 from repro.backends.base import CallSpec
-from repro.launch_math import launch_config
+from repro.kernel_launch import launch_config
 
 
 def _port() -> int:

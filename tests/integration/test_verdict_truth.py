@@ -121,7 +121,7 @@ def test_each_hung_rank_gets_its_own_kernel_and_wait_site(pp2_twoshot: VdiagRun)
 
 def test_the_call_plan_is_the_replays_own_order(pp2_twoshot: VdiagRun) -> None:
     """scenario.call_plan (what the fault warnings reason over) is the order the replay really runs."""
-    from repro.launchlog import read_rank_log
+    from repro.events import read_rank_log
     from repro.scenario import Scenario
 
     sc = Scenario.model_validate_json((pp2_twoshot.run_dir / "scenario.json").read_text())
@@ -165,7 +165,7 @@ def test_a_straggler_that_never_resumes_is_named_and_nothing_is_supported_by_exc
     assert [s["rank"] for s in wd["stragglers"]] == [1]
     assert wd["patience_s"] == 4
     v = r.report["analysis"]["verdict"]
-    assert "Rank 1 (pp 0, tp 1) is a straggler: idle on the host outside every known wait, in one_call (repro/replay.py:" in v["paragraph"]
+    assert "Rank 1 (pp 0, tp 1) is a straggler: idle on the host outside every known wait, in one_call (replay/replay.py:" in v["paragraph"]
     hyps = {h["key"]: h for h in r.report["analysis"]["hypotheses"]}
     assert hyps["flag-out-of-step"]["status"] != "supported"
     assert any("straggler" in a for a in hyps["flag-out-of-step"]["evidence_against"])

@@ -203,7 +203,7 @@ def test_jit_lock_every_rank_waits_in_filelock_or_on_the_holders_stuck_compiler(
 _BUILDER = """
 import sys
 from pathlib import Path
-from repro import jit_build
+from repro.engines.replay import jit_build
 cache = Path(sys.argv[1])
 jit_build.dead_source(cache)
 print("building", flush=True)

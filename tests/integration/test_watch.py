@@ -292,7 +292,7 @@ def test_instrumentation_records_fused_calls_in_a_watched_python_process(tmp_pat
     events = [json.loads(ln) for ln in (d.run_dir / "launch" / "rank0.jsonl").read_text().splitlines()]
     launch = next(e for e in events if e["ev"] == "launch")
     assert launch["token_num"] == 16 and launch["hidden"] == 512 and launch["oneshot"] is True
-    assert launch["grid"] and launch["block"]  # computed by repro.launch_math
+    assert launch["grid"] and launch["block"]  # computed by repro.kernel_launch
     assert d.report["observed"]["instrumented"] is True
     plain = watch(["--no-instrument", "--stall-s", "30", "--", sys.executable, str(JOBS / "fake_flashinfer_job.py"),
                    str(tmp_path / "site")], tmp_path / "plain")

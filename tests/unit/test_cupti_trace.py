@@ -20,7 +20,7 @@ from repro.cupti_trace import (
     demangle,
     short_name,
 )
-from repro.launchlog import parse_events
+from repro.events import parse_events
 
 ONESHOT_MANGLED = (
     "_ZN10flashinfer23trtllm_allreduce_fusion39allreduce_fusion_kernel_oneshot_lamportILNS0_22AllReduceFusion"

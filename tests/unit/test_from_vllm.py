@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from repro.cli import app
+from repro.engines.vllm.args import NEWEST_API, build_plan, parse_serve, preset_for, scenario_yaml_from_serve
 from repro.errors import ScenarioError
 from repro.scenario import parse_scenario_text
-from repro.vllm_args import NEWEST_API, build_plan, parse_serve, preset_for, scenario_yaml_from_serve
 
 SK = "sk-" + "proj-abcDEF123456ghiJKL789"
 

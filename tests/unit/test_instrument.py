@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import torch
 
-from repro import instrument
-from repro.launch_math import launch_config
-from repro.launchlog import LaunchLogWriter, read_rank_log
+from repro.engines.vllm import instrument
+from repro.events import LaunchLogWriter, read_rank_log
+from repro.kernel_launch import launch_config
 
 # ---- signature facts: (positional-or-keyword parameters, those with defaults, keyword-only) ----------
 _LEGACY_AR = [
@@ -596,8 +596,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 run = Path(sys.argv[2])
-from repro import instrument
-from repro.launchlog import LaunchLogWriter
+from repro.engines.vllm import instrument
+from repro.events import LaunchLogWriter
 (run / "launch").mkdir(parents=True, exist_ok=True)
 rec = instrument.configure(LaunchLogWriter(run / "launch" / "rank0.jsonl", 0), 0, 1, 1, run_dir=run)
 rec.set_phase("generate", size=16)
@@ -613,7 +613,7 @@ def test_a_jit_build_waiting_on_a_held_lock_is_named_in_the_report_notes(tmp_pat
 
     from filelock import FileLock
 
-    from repro import engine_vllm
+    from repro.engines.vllm import runner as engine_vllm
 
     pkg = tmp_path / "fake" / "flashinfer" / "jit"
     pkg.mkdir(parents=True)

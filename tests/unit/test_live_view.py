@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from repro.launchlog import LogTail
+from repro.events import LogTail
 from repro.live import LiveView
 from repro.watchdog import RankState, Snapshot
 

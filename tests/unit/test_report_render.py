@@ -43,7 +43,7 @@ from repro.report import (
     render_terminal,
     schema,
 )
-from repro.report.markdown import MARKDOWN_LIMIT, format_ranks
+from repro.report.markdown import MARKDOWN_LIMIT, table_ranks
 
 KERNEL = "allreduce_fusion_kernel_oneshot_lamport<AllReduceFusionPattern::kARResidualRMSNorm, __nv_bfloat16, 2, true>"
 HEADLINE = "Rank 0 spins in the fused all-reduce; its TP peer rank 1 finished with a wrong result."
@@ -92,8 +92,8 @@ def _spinning_stack(rank: int) -> StackSample:
                         line=985,
                     ),
                     Frame(function="fused_add_rms_norm", file="/work/main/repro/backends/sim.py", line=212),
-                    Frame(function="capture", file="/work/main/repro/replay.py", line=141),
-                    Frame(function="main", file="/work/main/repro/worker.py", line=40),
+                    Frame(function="capture", file="/work/main/repro/engines/replay/replay.py", line=141),
+                    Frame(function="main", file="/work/main/repro/engines/worker.py", line=40),
                 ],
             )
         ],
@@ -112,14 +112,14 @@ def _idle_stack(rank: int) -> StackSample:
                 active=False,
                 frames=[
                     Frame(function="Event.wait", file="/usr/lib/python3.11/threading.py", line=607),
-                    Frame(function="wait_for_peers", file="/work/main/repro/replay.py", line=188),
-                    Frame(function="main", file="/work/main/repro/worker.py", line=40),
+                    Frame(function="wait_for_peers", file="/work/main/repro/engines/replay/replay.py", line=188),
+                    Frame(function="main", file="/work/main/repro/engines/worker.py", line=40),
                 ],
             ),
             ThreadStack(
                 thread="0x7F3A1A000640",
                 name="heartbeat",
-                frames=[Frame(function="sleep", file="/work/main/repro/worker.py", line=22)],
+                frames=[Frame(function="sleep", file="/work/main/repro/engines/worker.py", line=22)],
             ),
         ],
     )
@@ -152,7 +152,7 @@ def _hypotheses() -> list[Hypothesis]:
             evidence_against=["ranks 2 and 3 got their own peer pointers"],
         ),
         Hypothesis(
-            key="token-divergence",
+            key="launch-divergence",
             title="Token-count divergence under one-shot",
             status="supported",
             score=0.92,
@@ -163,7 +163,7 @@ def _hypotheses() -> list[Hypothesis]:
             evidence_against=["both ranks used the same capture size list"],
         ),
         Hypothesis(
-            key="lamport-flag",
+            key="flag-out-of-step",
             title="Lamport flag out of step",
             status="refuted",
             score=0.05,
@@ -254,7 +254,7 @@ def spin_report(tmp_path: Path) -> Report:
             idle=[1, 2, 3],
             kernel=KERNEL,
             call=call,
-            top_hypothesis="token-divergence",
+            top_hypothesis="launch-divergence",
         ),
         grid_checks=["rank 0: grid (128,1,1) matches the launcher arithmetic for T=16 on 132 SMs"],
     )
@@ -590,9 +590,9 @@ def test_markdown_of_clean_run_says_so_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_format_ranks_lists_short_runs_and_collapses_long_ones() -> None:
-    assert format_ranks([3, 1, 2]) == "1,2,3"
-    assert format_ranks([0, *range(4, 64)]) == "0,4-63"
-    assert format_ranks([]) == ""
+    assert table_ranks([3, 1, 2]) == "1,2,3"
+    assert table_ranks([0, *range(4, 64)]) == "0,4-63"
+    assert table_ranks([]) == ""
 
 
 # ---- report.json ---------------------------------------------------------------------------------------

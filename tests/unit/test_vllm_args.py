@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from repro import engine_vllm
-from repro.errors import EnvironmentProblem, ScenarioError
-from repro.scenario import Scenario, load_scenario, parse_scenario_text
-from repro.vllm_args import (
+from repro.engines.vllm import runner as engine_vllm
+from repro.engines.vllm.args import (
     LEGACY_API,
     NEWEST_API,
     VllmApi,
@@ -25,6 +23,8 @@ from repro.vllm_args import (
     resolve_executor,
     write_model_dir,
 )
+from repro.errors import EnvironmentProblem, ScenarioError
+from repro.scenario import Scenario, load_scenario, parse_scenario_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,8 +215,8 @@ def _run_dir(tmp_path: Path, sc: Scenario) -> Path:
     return tmp_path
 
 
-def test_replay_hands_engine_vllm_to_the_vllm_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro import replay
+def test_worker_hands_engine_vllm_to_the_vllm_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro.engines import worker
 
     run_dir = _run_dir(tmp_path, _sc("backend: sim\n", model="llama-3.1-8b", tp=2, pp=1))
     seen: dict[str, Any] = {}
@@ -226,7 +226,7 @@ def test_replay_hands_engine_vllm_to_the_vllm_engine(tmp_path: Path, monkeypatch
         return 0
 
     monkeypatch.setattr(engine_vllm, "run_rank_vllm", fake)
-    assert replay.run_rank(run_dir, 1) == 0
+    assert worker.run_engine(run_dir, 1) == 0
     assert seen == {"rank": 1, "engine": "vllm"}
     first = json.loads((run_dir / "launch" / "rank1.jsonl").read_text().splitlines()[0])
     assert first["ev"] == "hello" and first["tp_rank"] == 1
@@ -234,8 +234,8 @@ def test_replay_hands_engine_vllm_to_the_vllm_engine(tmp_path: Path, monkeypatch
 
 @pytest.mark.skipif("vllm" in sys.modules, reason="vLLM importable here")
 def test_worker_without_vllm_reports_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro import instrument
-    from repro.launchlog import LaunchLogWriter
+    from repro.engines.vllm import instrument
+    from repro.events import LaunchLogWriter
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     sc = _sc("vllm: {num_layers: 2}\n", model="llama-3.1-8b", tp=2, pp=1)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from repro.backends.base import CallSpec
 from repro.backends.sim import SimBackend
-from repro.launch_math import launch_config
+from repro.kernel_launch import launch_config
 
 WIDTH = 64
 

@@ -4,7 +4,6 @@ collectors. One home for the format: the writer, the incremental tail, and the t
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,6 +14,7 @@ from repro.records import (
     FaultEvent,
     HelloEvent,
     LaunchEvent,
+    LogEvent,
     PhaseEvent,
     RankLog,
     ResultEvent,
@@ -29,11 +29,11 @@ class LaunchLogWriter:
         self.rank = rank
         self.f: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115
 
-    def emit(self, ev: str, **fields: Any) -> None:
-        fields["ev"] = ev
-        fields["rank"] = self.rank
-        fields["t"] = time.time()
-        self.f.write(json.dumps(fields, separators=(",", ":")) + "\n")
+    def emit(self, rec: LogEvent) -> None:
+        """Write one record (its every field), flushed: the record's model is the format."""
+        if rec.rank != self.rank:
+            raise ValueError(f"a rank-{rec.rank} record written to rank {self.rank}'s launch log")
+        self.f.write(rec.model_dump_json() + "\n")
         self.f.flush()
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ What is wrapped (see docs/vllm-engine.md for the versions checked):
 - FlashInfer's fused all-reduce entry points: `trtllm_allreduce_fusion` (the call vLLM up to 0.16 makes)
   and the unified `allreduce_fusion` (vLLM 0.17 and newer). Each call writes a `launch` record before it
   goes through (token count, hidden size, dtype, one-shot or two-shot, pattern, and the launch
-  configuration that FlashInfer's launcher arithmetic gives on this device, `repro.launch_math`) and a
+  configuration that FlashInfer's launcher arithmetic gives on this device, `repro.kernel_launch`) and a
   `result` record when it returns.
 - Workspace creation: `trtllm_create_ipc_workspace_for_all_reduce_fusion` and the unified
   `create_allreduce_fusion_workspace`. Each writes a `workspace` record: the ranks of the group the
@@ -38,16 +38,25 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from repro.launch_math import launch_config
-from repro.launchlog import LaunchLogWriter
+from repro.events import LaunchLogWriter
+from repro.kernel_launch import launch_config
 from repro.layout import place
+from repro.records import (
+    ErrorEvent,
+    HelloEvent,
+    LaunchEvent,
+    LogEvent,
+    PhaseEvent,
+    ResultEvent,
+    WorkspaceEvent,
+)
 from repro.scenario import FLASHINFER_ONESHOT_HEURISTIC_MB, MIB
 
 # Entry points, by the name FlashInfer exports them under.
 FUSED_CALLS = ("trtllm_allreduce_fusion", "allreduce_fusion")
 WORKSPACE_CALLS = ("trtllm_create_ipc_workspace_for_all_reduce_fusion", "create_allreduce_fusion_workspace")
 
-# AllReduceFusionPattern (flashinfer/comm/trtllm_ar.py) -> repro.launch_math pattern names.
+# AllReduceFusionPattern (flashinfer/comm/trtllm_ar.py) -> repro.kernel_launch pattern names.
 PATTERNS = {
     0: "allreduce",
     1: "residual_rmsnorm",
@@ -110,25 +119,23 @@ class Recorder:
             if self.run_dir is not None:
                 self.writer = LaunchLogWriter(self.run_dir / "launch" / f"rank{self.rank}.jsonl", self.rank)
                 me = place(self.rank, self.tp, self.pp)
-                self.writer.emit("hello", pid=os.getpid(), host=os.uname().nodename, pp_stage=me.pp_stage,
-                                 tp_rank=me.tp_rank, backend="flashinfer", device="cuda",
-                                 device_index=None, engine="vllm")
+                self.writer.emit(HelloEvent(rank=self.rank, pid=os.getpid(), host=os.uname().nodename,
+                                            pp_stage=me.pp_stage, tp_rank=me.tp_rank, backend="flashinfer",
+                                            device="cuda", device_index=None, engine="vllm"))
         return self.writer
 
-    def emit(self, ev: str, **fields: Any) -> None:
+    def emit(self, model: type[LogEvent], /, **fields: Any) -> None:
+        """Build a record of `model` for this process's rank and write it (nothing when no log is open)."""
         with self.lock:
             w = self._ensure_writer()
             if w is not None:
-                w.emit(ev, **fields)
+                w.emit(model(rank=w.rank, **fields))
 
     def set_phase(self, phase: str, *, index: int = 0, total: int = 0, size: int | None = None,
                   label: str = "") -> None:
         with self.lock:
             self.progress = _Progress(phase, index, total, size, label)
-            extra: dict[str, Any] = {}
-            if label:
-                extra["label"] = label
-            self.emit("phase", phase=phase, index=index, total=total, size=size, **extra)
+            self.emit(PhaseEvent, phase=phase, index=index, total=total, size=size, label=label)
 
     def resume_phase(self, p: _Progress) -> None:
         """Back to the phase that was current before a nested one (workspace creation)."""
@@ -379,16 +386,16 @@ def _wrap_fused(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
                 rec.forward_calls += 1
                 capturing = _capturing()
                 record["args"]["capturing"] = capturing
-                rec.emit("launch", **record)
+                rec.emit(LaunchEvent, **record)
             try:
                 out = orig(*args, **kwargs)
             except BaseException as e:
-                rec.emit("error", where=f"flashinfer.{name}", error=f"{type(e).__name__}: {e}", seq=seq)
+                rec.emit(ErrorEvent, where=f"flashinfer.{name}", error=f"{type(e).__name__}: {e}", seq=seq)
                 raise
             synced = rec.sync and not capturing and _synchronize()
             detail = ("returned and synchronized" if synced
                       else "returned (recorded into a CUDA graph)" if capturing else "returned (launch is asynchronous)")
-            rec.emit("result", seq=seq, ok=True, kind="unchecked", detail=detail)
+            rec.emit(ResultEvent, seq=seq, ok=True, kind="unchecked", detail=detail)
             return out
 
     setattr(wrapper, _WRAPPED_ATTR, True)
@@ -540,7 +547,7 @@ def _emit_workspace(rec: Recorder, name: str, legacy: bool, a: dict[str, Any], c
     if not ok and not err:
         err = f"{name} returned nothing"
     rec.emit(
-        "workspace", ok=ok, backend="flashinfer", rendezvous_group=list(rdzv), tp_group=list(tp_group),
+        WorkspaceEvent, ok=ok, backend="flashinfer", rendezvous_group=list(rdzv), tp_group=list(tp_group),
         peers=list(peers), peer_owner_ranks=list(owners if ok else ()), fallback=not ok, error=err,
         entry=name, fi_backend=fi_backend, rendezvous=how, tp_size=tp_size,
         max_token_num=a.get("max_token_num"), hidden_dim=a.get("hidden_dim"), peer_ptrs=ptrs,

@@ -1,4 +1,4 @@
-"""repro/launch_math.py against the worked grids in docs/mechanisms.md and the measured ones (H100, cuda-gdb).
+"""repro/kernel_launch.py against the worked grids in docs/mechanisms.md and the measured ones (H100, cuda-gdb).
 
 The arithmetic is FlashInfer 0.7.2.post1's `allreduce_fusion_kernel_launcher`
 (include/flashinfer/comm/trtllm_allreduce_fusion.cuh): cluster = min(8, max cluster from the occupancy
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.launch_math import launch_config
+from repro.kernel_launch import launch_config
 
 H100 = Path(__file__).resolve().parent.parent / "fixtures" / "cuda_gdb" / "h100"
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -25,66 +23,17 @@ from typing import Any
 
 from repro import checking
 from repro.backends.base import Backend, CallSpec, WorkspaceInfo
+from repro.backends.gpu_reference import DeviceChoice
 from repro.checking import Outputs
-from repro.launch_math import launch_config
-from repro.launchlog import LaunchLogWriter
+from repro.engines.replay.faults import FaultBook
+from repro.events import LaunchLogWriter
+from repro.kernel_launch import launch_config
 from repro.layout import place, tp_groups
-from repro.scenario import WORKSPACE_MAX_TOKENS, Fault, Scenario, apply_overrides, choose_oneshot
+from repro.records import DoneEvent, ErrorEvent, LaunchEvent, PhaseEvent, ResultEvent, WorkspaceEvent
+from repro.scenario import WORKSPACE_MAX_TOKENS, Scenario, choose_oneshot
 
 # Cap on the workspace rows (the sim keeps them in /dev/shm); the scenario refuses larger fused calls up front.
 SIM_MAX_TOKENS = WORKSPACE_MAX_TOKENS
-
-
-class FaultBook:
-    """Matches injected faults against calls; a `once` fault fires on its first matching call only.
-
-    Every firing is written to the launch log (a `fault` record naming the fault by its index in the
-    scenario's `faults:` list), so the report can say which injected faults fired and which never did."""
-
-    def __init__(self, faults: list[Fault], rank: int, log: LaunchLogWriter | None = None) -> None:
-        self.mine = [f for f in faults if rank in f.ranks]
-        self.index = [i for i, f in enumerate(faults) if rank in f.ranks]  # each mine's place in `faults:`
-        self.fired: set[int] = set()
-        self.log = log
-
-    def _record(self, i: int, **where: Any) -> None:
-        if self.log is not None:
-            self.log.emit("fault", index=self.index[i], kind=self.mine[i].kind, **where)
-
-    def hits(self, kind: str, phase: str, size: int, layer: int, sub: int, call: int) -> list[Fault]:
-        out = []
-        for i, f in enumerate(self.mine):
-            if f.kind != kind or (f.once and i in self.fired):
-                continue
-            if f.at.matches(phase, size, layer, sub, call):
-                self.fired.add(i)
-                self._record(i, phase=phase, size=size, layer=layer, sub=sub, call=call)
-                out.append(f)
-        return out
-
-    def fire(self, kind: str) -> bool:
-        """A fault that acts once at workspace creation (workspace_fail, jit_lock): record it, say if any."""
-        mine = [i for i, f in enumerate(self.mine) if f.kind == kind]
-        for i in mine:
-            self.fired.add(i)
-            self._record(i, phase="workspace")
-        return bool(mine)
-
-    def workspace_fails(self) -> bool:
-        return self.fire("workspace_fail")
-
-
-def _apply_hook(sc: Scenario, rank: int) -> Scenario:
-    """Run the scenario's hook (`module:function`), which returns dotted overrides for this rank."""
-    if not sc.hook:
-        return sc
-    mod_name, _, fn_name = sc.hook.partition(":")
-    fn = getattr(importlib.import_module(mod_name), fn_name or "configure")
-    overrides = fn(scenario=sc.model_dump(mode="json"), rank=rank) or {}
-    if not overrides:
-        return sc
-    data = apply_overrides(sc.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    return Scenario.model_validate(data)
 
 
 def _make_backend(
@@ -115,33 +64,15 @@ def _make_backend(
     raise ValueError(f"backend {sc.backend!r} cannot run in a worker")
 
 
-def run_rank(run_dir: Path, rank: int) -> int:
+def run_rank(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, gpu: DeviceChoice) -> int:
+    """The replay on one rank, after the worker entry (repro.engines.worker) wrote `hello` and ran the hook."""
     import torch.distributed as dist
 
-    sc = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
-    log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
     tp, pp = sc.parallel.tp, sc.parallel.pp
     me = place(rank, tp, pp)
     from repro import cupti_trace
-    from repro.backends.gpu_reference import host_backend, select_device
+    from repro.backends.gpu_reference import host_backend
 
-    gpu = select_device(sc.backend, rank)  # GPU backends: this rank's GPU (local rank modulo GPUs), made current
-    log.emit(
-        "hello", pid=os.getpid(), host=socket.gethostname(), pp_stage=me.pp_stage, tp_rank=me.tp_rank,
-        backend=sc.backend, device=os.environ.get("VDIAG_DEVICE", gpu.device),
-        device_index=int(os.environ["VDIAG_DEVICE_INDEX"]) if "VDIAG_DEVICE_INDEX" in os.environ else gpu.nvml_index,
-        gpu_name=gpu.name, shared_gpu=gpu.shared,
-    )
-    try:
-        sc = _apply_hook(sc, rank)
-    except Exception as e:  # the code under test failed to import or run: a crash unrelated to the hang
-        log.emit("error", where="hook", error=f"{type(e).__name__}: {e}")
-        traceback.print_exc()
-        return 3
-    if sc.engine == "vllm":  # real vLLM starts here instead of the replay; it sets up torch.distributed itself
-        from repro.engine_vllm import run_rank_vllm
-
-        return run_rank_vllm(run_dir, rank, sc, log)
     pg_backend = host_backend(gpu)  # gloo, or cpu:gloo,cuda:nccl where each rank has its own GPU
     dist.init_process_group(pg_backend, timeout=datetime.timedelta(hours=2))
     groups = {}
@@ -162,13 +93,13 @@ def run_rank(run_dir: Path, rank: int) -> int:
                                dtype="fp32" if sc.backend == "sim" else shape.dtype)
 
     # 1. the fused op's workspace
-    log.emit("phase", phase="workspace")
+    log.emit(PhaseEvent(rank=log.rank, phase="workspace"))
     ws = WorkspaceInfo(ok=False, rendezvous_group=(), tp_group=me.tp_group)
     if fused_wanted:
         if faults.fire("jit_lock"):
             # This rank's JIT cache is cold and the module's source sits on a mount that never answers:
-            # the real build (repro/jit_build.py) then never finishes, and its lock is never released.
-            from repro import jit_build
+            # the real build (repro/engines/replay/jit_build.py) then never finishes, and its lock is never released.
+            from repro.engines.replay import jit_build
 
             cache = jit_build.cache_dir(run_dir)
             jit_build.dead_source(cache)
@@ -178,11 +109,11 @@ def run_rank(run_dir: Path, rank: int) -> int:
             # vLLM logs a warning and silently falls back to the unfused path on this rank.
             ws = WorkspaceInfo(False, ws.rendezvous_group, ws.tp_group, ws.peers, ws.peer_owner_ranks,
                                error="injected: workspace creation failed; falling back to the unfused path")
-        log.emit(
-            "workspace", ok=ws.ok, backend=sc.backend, rendezvous_group=list(ws.rendezvous_group),
-            tp_group=list(ws.tp_group), peers=list(ws.peers), peer_owner_ranks=list(ws.peer_owner_ranks),
+        log.emit(WorkspaceEvent(
+            rank=log.rank, ok=ws.ok, backend=sc.backend, rendezvous_group=tuple(ws.rendezvous_group),
+            tp_group=tuple(ws.tp_group), peers=tuple(ws.peers), peer_owner_ranks=tuple(ws.peer_owner_ranks),
             fallback=not ws.ok, error=ws.error,
-        )
+        ))
     use_fused = fused_wanted and ws.ok
     ws_id = ws.ident if ws.ok else None
 
@@ -234,18 +165,18 @@ def run_rank(run_dir: Path, rank: int) -> int:
             call_args = getattr(backend, "call_args", None)  # the arguments actually passed to the launcher
             if call_args is not None:
                 record["args"] = call_args(spec)
-            log.emit("launch", **record)
+            log.emit(LaunchEvent(rank=log.rank, **record))
             cupti_trace.set_call(seq, graph)
             t_call = time.perf_counter()
             outs = backend.fused(x, res, gamma, spec)
         else:
-            log.emit("launch", **record)
+            log.emit(LaunchEvent(rank=log.rank, **record))
             cupti_trace.set_call(seq, graph)
             t_call = time.perf_counter()
             outs = backend.unfused(x, res, gamma, shape.rms_eps)
         call_s = round(time.perf_counter() - t_call, 6)
         if not check_on:
-            log.emit("result", seq=seq, ok=True, kind="unchecked", call_s=call_s)
+            log.emit(ResultEvent(rank=log.rank, seq=seq, ok=True, kind="unchecked", call_s=call_s))
             return
         t0 = time.perf_counter()
         res_out, norm_out = outs
@@ -253,11 +184,11 @@ def run_rank(run_dir: Path, rank: int) -> int:
         r = checker.check(res_out, norm_out, call, outs.packed if type(outs) is Outputs else None)
         check_s[0] += time.perf_counter() - t0
         if r.ok:  # the record's defaults say the rest (records.ResultEvent)
-            log.emit("result", seq=seq, ok=True, call_s=call_s)
+            log.emit(ResultEvent(rank=log.rank, seq=seq, ok=True, call_s=call_s))
             return
         state["wrong"] += 1
-        log.emit("result", seq=seq, ok=False, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
-                 first_wrong=r.first_wrong, kind=r.kind, detail=r.detail, call_s=call_s)
+        log.emit(ResultEvent(rank=log.rank, seq=seq, ok=False, max_err=round(r.max_err, 6), n_wrong=r.n_wrong,
+                             first_wrong=r.first_wrong, kind=r.kind, detail=r.detail, call_s=call_s))
 
     def forward(phase: str, size: int, graph: bool = False) -> None:
         for layer in range(shape.num_layers):
@@ -265,22 +196,22 @@ def run_rank(run_dir: Path, rank: int) -> int:
             one_call(phase, size, layer, 1, graph)
 
     try:
-        log.emit("phase", phase="profile", size=sc.capture.max_num_batched_tokens)
+        log.emit(PhaseEvent(rank=log.rank, phase="profile", size=sc.capture.max_num_batched_tokens))
         forward("profile", sc.capture.max_num_batched_tokens)
-        log.emit("phase", phase="warmup", size=capture_sizes[0])
+        log.emit(PhaseEvent(rank=log.rank, phase="warmup", size=capture_sizes[0]))
         forward("warmup", capture_sizes[0])
         for i, size in enumerate(capture_sizes):
-            log.emit("phase", phase="capture", index=i, total=len(capture_sizes), size=size)
+            log.emit(PhaseEvent(rank=log.rank, phase="capture", index=i, total=len(capture_sizes), size=size))
             for _ in range(sc.capture.warmup_steps):
                 forward("capture", size)
             forward("capture", size, graph=True)  # the captured run: a CUDA graph on GPU backends, replayed once
-        log.emit("phase", phase="capture", index=len(capture_sizes), total=len(capture_sizes))
-        log.emit("phase", phase="finish")
+        log.emit(PhaseEvent(rank=log.rank, phase="capture", index=len(capture_sizes), total=len(capture_sizes)))
+        log.emit(PhaseEvent(rank=log.rank, phase="finish"))
         dist.barrier()
-        log.emit("done", calls=state["call"], wrong_calls=state["wrong"],
-                 **({"check_s": round(check_s[0], 4)} if check_on else {}))
+        log.emit(DoneEvent(rank=log.rank, calls=state["call"], wrong_calls=state["wrong"],
+                           check_s=round(check_s[0], 4) if check_on else None))
     except Exception as e:
-        log.emit("error", where="replay", error=f"{type(e).__name__}: {e}")
+        log.emit(ErrorEvent(rank=log.rank, where="replay", error=f"{type(e).__name__}: {e}"))
         traceback.print_exc(file=sys.stderr)
         return 1
     finally:

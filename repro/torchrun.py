@@ -86,7 +86,7 @@ class Launch:
             "--rdzv-id", rdzv_id,
             "--max-restarts", "0",
             "--monitor-interval", "0.2",
-            "-m", "repro.worker", "--run-dir", str(self.run_dir.root),
+            "-m", "repro.engines.worker", "--run-dir", str(self.run_dir.root),
         ]
 
     def env(self) -> dict[str, str]:

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 from repro.analysis import where_waiting
 from repro.records import Hypothesis, ObservedJob, StackSample, Verdict, WatchdogVerdict
+from repro.report.format import LIST, rank_label
 
 # torch.distributed's blocking calls, by the function name its Python frame shows.
 COLLECTIVES = (
@@ -61,8 +62,7 @@ def innermost(s: StackSample | None) -> str:
 
 
 def _rs(ranks: list[int]) -> str:
-    rs = sorted(ranks)
-    return ("rank " if len(rs) == 1 else "ranks ") + ",".join(map(str, rs))
+    return rank_label(ranks, run=LIST)
 
 
 def _be(ranks: list[int]) -> str:

@@ -1,8 +1,8 @@
 """`engine: vllm`: each torchrun worker starts real vLLM (`LLM(...)`) for the scenario, with vdiag's
 instrumentation installed before vLLM imports FlashInfer.
 
-The worker writes the same launch log as the replay: `hello` (written by `repro.replay.run_rank` before it
-hands over), then `phase` records from vLLM's own start-up (load, profile, warmup, capture i/N), a
+The worker writes the same launch log as the replay: `hello` (written by the worker entry,
+`repro.engines.worker`, before it hands over), then `phase` records from vLLM's own start-up (load, profile, warmup, capture i/N), a
 `workspace` record when FlashInfer's workspace is created, `launch`/`result` around every fused
 all-reduce call, and `done` once `LLM(...)` has returned on every rank. It also writes
 `vllm/rank<N>.json` into the run folder: vLLM's version and commit, what the instrumentation wrapped, the
@@ -26,12 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from repro import instrument
-from repro.errors import EnvironmentProblem
-from repro.launchlog import LaunchLogWriter
-from repro.layout import place
-from repro.scenario import Scenario
-from repro.vllm_args import (
+from repro.engines.vllm import instrument
+from repro.engines.vllm.args import (
     VllmApi,
     VllmPlan,
     build_plan,
@@ -40,6 +36,11 @@ from repro.vllm_args import (
     plan_summary,
     write_model_dir,
 )
+from repro.errors import EnvironmentProblem
+from repro.events import LaunchLogWriter
+from repro.layout import place
+from repro.records import DoneEvent, ErrorEvent, HelloEvent, PhaseEvent
+from repro.scenario import Scenario
 
 DEFAULT_STALL_S = 300.0  # vLLM's own proposed watchdog (RFC #56816) waits 300 s without a heartbeat
 DEFAULT_MAX_RUN_S = 3600.0
@@ -239,7 +240,7 @@ def _device_facts(sc: Scenario) -> instrument.DeviceFacts:
 
 
 def run_rank_vllm(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter) -> int:
-    """One torchrun rank of an `engine: vllm` run (called by `repro.replay.run_rank` after `hello`)."""
+    """One torchrun rank of an `engine: vllm` run (called by `repro.engines.worker` after `hello`)."""
     facts: dict[str, Any] = {"rank": rank}
     try:
         api = detect_api()
@@ -260,7 +261,7 @@ def run_rank_vllm(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter) 
         facts["error"] = f"{type(e).__name__}: {e}"
         with contextlib.suppress(Exception):
             _write_facts(run_dir, rank, facts)
-        log.emit("error", where="vllm", error=f"{type(e).__name__}: {e}")
+        log.emit(ErrorEvent(rank=log.rank, where="vllm", error=f"{type(e).__name__}: {e}"))
         traceback.print_exc(file=sys.stderr)
         return 1
 
@@ -273,7 +274,7 @@ def _start_llm(run_dir: Path, rank: int, log: LaunchLogWriter, plan: VllmPlan, a
     if rec is not None:
         rec.set_phase("load")
     else:
-        log.emit("phase", phase="load")
+        log.emit(PhaseEvent(rank=log.rank, phase="load"))
     t0 = time.monotonic()
     llm = LLM(**plan.llm_kwargs)
     facts["startup_s"] = round(time.monotonic() - t0, 2)
@@ -286,10 +287,10 @@ def _start_llm(run_dir: Path, rank: int, log: LaunchLogWriter, plan: VllmPlan, a
             rec.set_phase("generate", size=plan.generate_tokens)
         sp = SamplingParams(**{"max_tokens": 4, "ignore_eos": True, "detokenize": False, **plan.sampling})
         llm.generate([{"prompt_token_ids": [1] * plan.generate_tokens}], sp)
-    log.emit("phase", phase="finish")
+    log.emit(PhaseEvent(rank=log.rank, phase="finish"))
     _barrier()
     calls = rec.calls if rec is not None else 0
-    log.emit("done", calls=calls, wrong_calls=0)
+    log.emit(DoneEvent(rank=log.rank, calls=calls, wrong_calls=0))
     return 0
 
 
@@ -321,13 +322,14 @@ def _mp_worker_main(*args: Any, **kwargs: Any) -> Any:
     rank = int(kwargs.get("rank", 0))
     log = LaunchLogWriter(run_dir / "launch" / f"rank{rank}.jsonl", rank)
     me = place(rank, sc.parallel.tp, sc.parallel.pp)
-    log.emit("hello", pid=os.getpid(), host=os.uname().nodename, pp_stage=me.pp_stage, tp_rank=me.tp_rank,
-             backend="flashinfer", device="cuda", device_index=kwargs.get("local_rank"), engine="vllm")
+    log.emit(HelloEvent(rank=rank, pid=os.getpid(), host=os.uname().nodename, pp_stage=me.pp_stage,
+                        tp_rank=me.tp_rank, backend="flashinfer", device="cuda",
+                        device_index=kwargs.get("local_rank"), engine="vllm"))
     plan = build_plan(sc, run_dir / "vllm" / "model-rank0")
     instrument.configure(log, rank, sc.parallel.tp, sc.parallel.pp, device=_device_facts(sc),
                          sync=plan.instrument.sync, run_dir=run_dir)
     installed = _install(plan)
-    log.emit("phase", phase="load")
+    log.emit(PhaseEvent(rank=log.rank, phase="load"))
     with contextlib.suppress(OSError):
         (run_dir / "vllm" / f"mp-worker-rank{rank}.json").write_text(json.dumps(installed, default=str))
     orig = _ORIG_WORKER_MAIN
@@ -345,7 +347,7 @@ def _run_mp(run_dir: Path, rank: int, sc: Scenario, log: LaunchLogWriter, plan: 
     done_flag = run_dir / "vllm" / "mp-done"
     if rank != 0:
         # vLLM's worker for this rank (a child of torchrun rank 0) writes to this rank's log; wait for it.
-        log.emit("phase", phase="waiting", size=None)
+        log.emit(PhaseEvent(rank=log.rank, phase="waiting", size=None))
         while not done_flag.exists():
             time.sleep(0.5)
         return 0 if done_flag.read_text().strip() == "ok" else 1
@@ -391,6 +393,6 @@ def _start_llm_mp(run_dir: Path, rank: int, log: LaunchLogWriter, plan: VllmPlan
         except OSError:
             calls = 0
         w = log if r == rank else LaunchLogWriter(path, r)
-        w.emit("phase", phase="finish")
-        w.emit("done", calls=calls, wrong_calls=0)
+        w.emit(PhaseEvent(rank=w.rank, phase="finish"))
+        w.emit(DoneEvent(rank=w.rank, calls=calls, wrong_calls=0))
     return 0

@@ -1,0 +1,1 @@
+"""The real-vLLM engine: the runner, the instrumentation of FlashInfer's calls, the vLLM arguments."""
