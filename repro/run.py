@@ -231,6 +231,11 @@ def _alive(pid: int) -> bool:
 def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = None) -> RunOutcome:
     console = console or Console(stderr=True)
     sc = load_scenario(path, opts.overrides)
+    if sc.hook == "vllm-source":  # the built-in hook reads a checkout, which only `vdiag bisect --repo` gives it
+        raise ScenarioError(
+            f"{path}: hook: vllm-source reads a vLLM checkout: run `vdiag bisect {path} --repo PATH --good REV "
+            "--bad REV`, or set hook to a module:function of your own (or remove it) for `vdiag run`"
+        )
     sc, notes = resolve_backend(sc)
     if sc.engine == "vllm":  # real vLLM in every worker (repro/engines/vllm/runner.py, docs/vllm-engine.md)
         from repro.engines.vllm import runner as engine_vllm

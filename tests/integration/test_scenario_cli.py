@@ -31,6 +31,17 @@ def test_run_with_a_malformed_scenario_exits_2_with_one_line(tmp_path: Path) -> 
     assert missing.rc == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_run_refuses_the_vllm_source_hook_outside_bisect_in_one_line(tmp_path: Path) -> None:
+    sc = tmp_path / "seed.yaml"
+    sc.write_text("name: s\nmodel: {preset: llama-3.1-8b, num_layers: 2}\nparallel: {tp: 2, pp: 2}\n"
+                  "capture: {sizes: [8]}\nbackend: sim\nhook: vllm-source\n")
+    r = run_vdiag(["run", str(sc)], tmp_path / "reports")
+    assert r.rc == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith(f"vdiag: error: {sc}: hook: vllm-source reads a vLLM checkout")
+    assert "vdiag bisect" in r.stderr
+    assert not any((tmp_path / "reports").iterdir())  # refused before any run folder is made
+
+
 def test_a_gpu_backend_without_a_gpu_is_an_environment_error(tmp_path: Path) -> None:
     r = run_vdiag(["run", str(SCENARIOS / "mech-missing-peer.yaml"), "--set", "backend=flashinfer"], tmp_path / "r")
     assert r.rc == 3
