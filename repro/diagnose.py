@@ -210,7 +210,10 @@ def _diagnose_job(run_dir: RunDir, ev: Evidence, ctx: JobContext) -> Report:
     logs = {r: read_rank_log(run_dir.launch_log(r), r) for r in ctx.ranks}
     stacks_by_rank = {s.rank: s for s in ev.stacks}
     fused = any(e.op == "fused" for lg in logs.values() for e in lg.launches)
-    analysis = analyze(logs, ev.watchdog, ev.stacks, ev.gpu, tp=tp, pp=pp, fused=fused)
+    from repro.collectors.locks import load_locks
+
+    locks = ev.locks if ev.locks is not None else load_locks(run_dir.root)
+    analysis = analyze(logs, ev.watchdog, ev.stacks, ev.gpu, tp=tp, pp=pp, fused=fused, locks=locks)
     if not any(lg.launches for lg in logs.values()):
         verdict = observed_verdict(ev.watchdog, job, stacks_by_rank, analysis.hypotheses, ctx.numbered)
         analysis = analysis.model_copy(update={"verdict": verdict})
@@ -248,7 +251,7 @@ def _diagnose_job(run_dir: RunDir, ev: Evidence, ctx: JobContext) -> Report:
         started=ctx.started.isoformat(timespec="seconds"), duration_s=round(ctx.duration_s, 2),
         backend="observed", engine=engine, world_size=world, tp=tp, pp=pp, fusion_enabled=fused, payload_width=0,
         hidden=0, exit_code=ctx.exit_code, placement="", ranks=summaries, watchdog=ev.watchdog, analysis=analysis,
-        stacks=ev.stacks, gpu=ev.gpu, collectors=ev.collectors, env=ev.env, notes=notes, observed=job,
+        stacks=ev.stacks, gpu=ev.gpu, locks=locks, collectors=ev.collectors, env=ev.env, notes=notes, observed=job,
     )
     return write_report(run_dir, report)
 

@@ -9,8 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,8 +132,7 @@ def _collect(
 
     `have`: Python-only stacks the watchdog took of idle ranks during the stall (no progress since);
     they are used as they are, not taken again."""
-    from repro.collectors.environment import collect_env
-    from repro.collectors.stacks import collect_stacks
+    from repro.collectors.host import collect_host
 
     pids = {r: lg.hello.pid for r, lg in logs.items() if lg.hello is not None}
     alive = {r: p for r, p in pids.items() if _alive(p)}
@@ -142,9 +140,6 @@ def _collect(
     stacks: list[StackSample] = list(have.values())
     gpu: list[GpuState] = []
     runs: list[CollectorRun] = [c for c in (have_runs or []) if c.rank in have] if have else []
-    env = EnvInfo()
-    scenario_yaml = run_dir.scenario_yaml.read_text()
-    jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, scenario_yaml)}
     from repro import cupti_trace
     from repro.collectors.coredump import AUTO_GPU_STATE
     from repro.collectors.gpu import collect_gpu_attach
@@ -154,39 +149,18 @@ def _collect(
         gpu_state = "attach"  # the driver disables user-triggered core dumps in a process with CUPTI
     on_gpu = sc.backend in ("flashinfer",) or (sc.backend == "nccl" and gpu_count() > 0)
     busy = {r: p for r, p in alive.items() if r in wd.busy_ranks} or alive
+    native: dict[int, int] = {}
+    rest: dict[int, int] = {}
     if wd.is_hang and alive:
         # Native stacks cost ~0.5 CPU-s per rank: take them where the wait is (busy ranks, or every rank
         # when none is busy), Python-only stacks elsewhere.
         native = {r: p for r, p in alive.items() if r in wd.busy_ranks} or {
             r: p for r, p in alive.items() if r not in have}
         rest = {r: p for r, p in alive.items() if r not in native and r not in have}
-        if native:
-            jobs["stacks"] = lambda: collect_stacks(native, run_dir)
-        if rest:
-            jobs["stacks-python"] = lambda: collect_stacks(rest, run_dir, native=False)
-        from repro.collectors.locks import collect_locks
-
-        jobs["locks"] = lambda: collect_locks(alive, run_dir)  # file locks held by a rank: locks.json
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = {name: ex.submit(fn) for name, fn in jobs.items()}
-        for name, fut in futs.items():
-            try:
-                res = fut.result()
-            except Exception as e:  # a collector bug must not lose the others' evidence
-                runs.append(CollectorRun(name=name, ok=False, seconds=round(time.monotonic() - t0, 3),
-                                         error=f"{type(e).__name__}: {e}"))
-                continue
-            if name == "env":
-                env = res
-                runs.append(CollectorRun(name="environment", ok=True, seconds=round(time.monotonic() - t0, 3),
-                                         artifact=str(run_dir.env_json.relative_to(run_dir.root))))
-            elif name in ("stacks", "stacks-python"):
-                st, r = res
-                stacks.extend(st)
-                runs.extend(r)
-            elif name == "locks":
-                runs.extend(res[1])
+    env, got, host_runs = collect_host(run_dir, run_dir.scenario_yaml.read_text(), native, rest,
+                                       alive if wd.is_hang else {})
+    stacks.extend(got)
+    runs.extend(host_runs)
     if wd.is_hang and alive and on_gpu and gpu_state in ("attach", "both"):
         # After the stacks, never beside them: a process has one ptrace tracer, so py-spy and cuda-gdb
         # attached at once make one of them fail (seen on the H100).

@@ -1,20 +1,17 @@
 """The collectors pointed at a job vdiag did not launch, in parallel, non-blocking ones first.
 
 py-spy stacks of every rank (native frames where the wait is: the busy ranks, or every rank when none is
-busy; Python frames elsewhere), the environment (vdiag's and the ranks' own variables, redacted), then,
+busy; Python frames elsewhere), the file locks the ranks hold, the environment (vdiag's and the ranks' own variables, redacted), then,
 only for processes that NVML shows on a GPU, cuda-gdb attach (after the stacks: a process has one ptrace
 tracer), and last the CUDA core dump, only when the user asked for it at start (it ends the process).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from repro.collectors.environment import collect_env, relevant_variables
-from repro.collectors.stacks import collect_stacks
+from repro.collectors.environment import relevant_variables
+from repro.collectors.host import collect_host
 from repro.observe.tree import Tracked
 from repro.records import CollectorRun, EnvInfo, GpuState, StackSample
 from repro.rundir import RunDir
@@ -25,35 +22,13 @@ def collect(
     gpu_state: str = "auto", core_dump: bool = False,
 ) -> tuple[list[StackSample], list[GpuState], list[CollectorRun], EnvInfo]:
     alive = {r: t.pid for r, t in subjects.items() if not t.exited}
-    stacks: list[StackSample] = []
     gpu: list[GpuState] = []
-    runs: list[CollectorRun] = []
-    env = EnvInfo()
-    jobs: dict[str, Callable[[], Any]] = {"env": lambda: collect_env(run_dir, "")}
+    native: dict[int, int] = {}
+    rest: dict[int, int] = {}
     if hang and alive:
         native = {r: p for r, p in alive.items() if r in busy} or alive
         rest = {r: p for r, p in alive.items() if r not in native}
-        jobs["stacks"] = lambda: collect_stacks(native, run_dir)
-        if rest:
-            jobs["stacks-python"] = lambda: collect_stacks(rest, run_dir, native=False)
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = {name: ex.submit(fn) for name, fn in jobs.items()}
-        for name, fut in futs.items():
-            try:
-                res = fut.result()
-            except Exception as e:  # a collector bug must not lose the others' evidence
-                runs.append(CollectorRun(name=name, ok=False, seconds=round(time.monotonic() - t0, 3),
-                                         error=f"{type(e).__name__}: {e}"))
-                continue
-            if name == "env":
-                env = res
-                runs.append(CollectorRun(name="environment", ok=True, seconds=round(time.monotonic() - t0, 3),
-                                         artifact=str(run_dir.env_json.relative_to(run_dir.root))))
-            else:
-                st, r = res
-                stacks.extend(st)
-                runs.extend(r)
+    env, stacks, runs = collect_host(run_dir, "", native, rest, alive if hang else {})
     # The job's own variables (of its first rank) replace vdiag's; the command line is the job's.
     first = next((t for _, t in sorted(subjects.items()) if t.env is not None), None)
     update: dict[str, Any] = {"command_line": command}

@@ -127,3 +127,31 @@ def test_attach_to_another_users_process_names_the_pid_and_the_fix(tmp_path: Pat
     finally:
         target.kill()
         target.wait()
+
+
+def test_attach_names_the_build_lock_and_its_holder_from_the_os(tmp_path: Path) -> None:
+    """A job stalled in a file lock: the report names the lock file and the rank holding it, from /proc/locks,
+    and the compiler child that holder waits on; attach leaves the job running."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    log = tmp_path / "out.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(torchrun("lock_wait.py"), stdout=f, stderr=subprocess.STDOUT,
+                                env={**env(), "JOB_LOCK_DIR": str(cache)}, start_new_session=True)
+    try:
+        wait_for(lambda: "waiting for the build lock" in log.read_text(errors="replace"), 60, "the lock wait")
+        time.sleep(1.0)
+        pids = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        d = attach(["--tree", str(proc.pid)], tmp_path / "reports")
+        assert d.rc == 1, d.stderr
+        rep = d.report
+        [held] = rep["locks"]
+        assert held["path"].endswith("module.lock") and held["holder_rank"] == 0
+        assert any("cat" in c["cmdline"] for c in held["children"])
+        jit = next(h for h in rep["analysis"]["hypotheses"] if h["key"] == "jit-lock")
+        assert jit["status"] == "supported"
+        assert any("module.lock is held" in e and "by rank 0" in e for e in jit["evidence_for"]), jit
+        assert alive(pids) == pids  # attach never kills
+    finally:
+        _end(proc)
+
