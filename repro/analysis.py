@@ -41,7 +41,7 @@ from repro.records import (
     WatchdogVerdict,
 )
 from repro.report.format import call_fields, call_ref_text, ranks_text
-from repro.scenario import Scenario
+from repro.scenario import FaultWarning, Scenario
 
 COMPARED = ("op", "token_num", "oneshot", "grid", "block", "cluster")
 
@@ -848,7 +848,8 @@ def grid_cross_checks(logs: dict[int, RankLog], gpu: dict[int, GpuState]) -> lis
     return out
 
 
-def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[str] = ()) -> list[FaultOutcome]:
+def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[FaultWarning] = ()
+                   ) -> list[FaultOutcome]:
     """Each injected fault of the scenario with the calls it fired at on each rank (from the `fault`
     records the replay writes), and the warning when its selector can never match."""
     out = []
@@ -860,9 +861,7 @@ def fault_outcomes(sc: Scenario, logs: dict[int, RankLog], warnings: Sequence[st
                                and v is not None}) for e in (lg.faults if lg else []) if e.index == i]
             if hits:
                 fired[r] = hits
-        tag = f"faults[{i}]"
-        warning = next((w.split(": warning: ", 1)[-1] for w in warnings
-                        if w.split(": warning: ", 1)[-1].startswith(tag + ".")), "")
+        warning = next((w.message for w in warnings if w.index == i), "")
         out.append(FaultOutcome(index=i, kind=f.kind, ranks=list(f.ranks),
                                 selector=f.at.model_dump(exclude_none=True), fired_on=fired, warning=warning))
     return out

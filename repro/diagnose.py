@@ -35,7 +35,7 @@ from repro.records import (
     WatchdogVerdict,
 )
 from repro.rundir import RunDir
-from repro.scenario import Scenario, fault_warnings
+from repro.scenario import FaultWarning, Scenario, fault_warnings
 
 HANG_CLASSES = ("spin-deadlock", "all-spinning", "host-wait", "timeout")
 
@@ -61,7 +61,7 @@ class RunContext:
     scenario_file: str = ""
     started: str = ""  # ISO time
     duration_s: float = 0.0
-    warnings: list[str] = field(default_factory=list)  # the scenario's fault warnings (repro.scenario)
+    warnings: list[FaultWarning] = field(default_factory=list)  # faults that can never fire (repro.scenario)
     interrupted: str = ""  # the signal that stopped the run, if one did
     exit_code: int | None = None  # given (a run killed before its verdict, a stored interrupted run); else computed
     placement: str | None = None  # given (the merge); else from the ranks' hello records
@@ -336,7 +336,7 @@ def rebuild_report(run_dir: RunDir) -> Report:
                                           threads=parse_pyspy(f.read_text(errors="replace"))))
     started = dt.datetime.fromtimestamp(wd.started_t, dt.timezone.utc) if wd.started_t else None
     warnings = fault_warnings(sc, sc.name)
-    ev = Evidence(watchdog=wd, stacks=stacks, notes=notes + [w.split(": warning: ", 1)[-1] for w in warnings],
+    ev = Evidence(watchdog=wd, stacks=stacks, notes=notes + [w.message for w in warnings],
                   locks=[], logs=logs)
     ctx = RunContext(scenario=sc, ranks=ranks, started=started.isoformat(timespec="seconds") if started else "",
                      duration_s=max(0.0, wd.verdict_t - wd.started_t), warnings=warnings,

@@ -255,8 +255,8 @@ def run_scenario(path: str | Path, opts: RunOptions, console: Console | None = N
     warnings = fault_warnings(sc, str(path))
     for w in warnings:
         if not opts.quiet:
-            console.print(w, markup=False, highlight=False, soft_wrap=True)
-    notes.extend(w.split(": warning: ", 1)[-1] for w in warnings)
+            console.print(w.line, markup=False, highlight=False, soft_wrap=True)
+    notes.extend(w.message for w in warnings)
     dog: Watchdog | None = None
     with stop_signals() as guard:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -361,18 +362,35 @@ FUSED_ONLY_KINDS = ("protocol_mismatch", "workspace_fail", "jit_lock")
 SELECTOR_FREE_KINDS = ("workspace_fail", "jit_lock")  # act at workspace creation, whatever `at:` says
 
 
-def fault_warnings(sc: Scenario, path: str = "<scenario>") -> list[str]:
-    """One line for each injected fault that can never fire in this scenario, naming the field."""
-    out = []
+@dataclass(frozen=True)
+class FaultWarning:
+    """An injected fault that can never fire: which fault, and why, naming the field."""
+
+    path: str  # the scenario file, for the printed line
+    index: int  # faults[index]
+    why: str  # "at.layer: 5, but model.num_layers is 4 ...", the field first
+
+    @property
+    def message(self) -> str:
+        return f"faults[{self.index}].{self.why}; the fault never fires"
+
+    @property
+    def line(self) -> str:
+        """As `scenario validate` and `run` print it: `FILE: warning: faults[i].FIELD: ...`."""
+        return f"{self.path}: warning: {self.message}"
+
+
+def fault_warnings(sc: Scenario, path: str = "<scenario>") -> list[FaultWarning]:
+    """One warning for each injected fault that can never fire in this scenario, naming the field."""
+    out: list[FaultWarning] = []
     plan = list(sc.call_plan()) if sc.faults else []
     n_calls = len(plan)
     sizes = sc.phase_sizes()
     limit = sc.fusion_max_token_num()
     for i, f in enumerate(sc.faults):
-        where = f"{path}: warning: faults[{i}]"
         if f.kind in FUSED_ONLY_KINDS and not sc.fusion_enabled():
-            out.append(f"{where}.kind: {f.kind} acts on the fused all-reduce, which this scenario does not run "
-                       "(fusion off or gated); the fault never fires")
+            out.append(FaultWarning(path, i, f"kind: {f.kind} acts on the fused all-reduce, which this scenario "
+                                             "does not run (fusion off or gated)"))
             continue
         if f.kind in SELECTOR_FREE_KINDS:
             continue
@@ -398,7 +416,7 @@ def fault_warnings(sc: Scenario, path: str = "<scenario>") -> list[str]:
                 why = (f"at: every matching call has more tokens than the fusion limit {limit}, so it takes the "
                        "unfused path and has no protocol to switch")
         if why:
-            out.append(f"{where}.{why}; the fault never fires")
+            out.append(FaultWarning(path, i, why))
     return out
 
 

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                 continue
             warns = fault_warnings(load_scenario(f), str(f))
             for w in warns:
-                sys.stderr.write(w + "\n")
+                sys.stderr.write(w.line + "\n")
             print(f"{f}: ok" + (f" ({len(warns)} warning{'s' if len(warns) != 1 else ''})" if warns else ""))
         if bad:
             raise typer.Exit(int(ExitCode.USAGE))

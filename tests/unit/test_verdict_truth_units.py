@@ -31,7 +31,7 @@ def _sc(**over: object) -> Scenario:
     ({"kind": "delay", "rank": 1, "at": {"phase": "warmup", "call": 0}}, "faults[0].at: no call matches every field"),
 ])
 def test_a_selector_that_cannot_match_is_named_with_its_field(fault: dict[str, object], field: str) -> None:
-    warns = fault_warnings(_sc(faults=[fault]), "s.yaml")
+    warns = [w.line for w in fault_warnings(_sc(faults=[fault]), "s.yaml")]
     assert len(warns) == 1 and warns[0].startswith(f"s.yaml: warning: {field}"), warns
     assert warns[0].endswith("the fault never fires")
 
@@ -49,7 +49,7 @@ def test_selectors_that_can_match_give_no_warning() -> None:
 def test_a_fused_only_fault_without_fusion_never_fires() -> None:
     warns = fault_warnings(_sc(fusion={"allreduce_rms": "off"},
                                faults=[{"kind": "protocol_mismatch", "rank": 1, "at": {"layer": 0}}]))
-    assert len(warns) == 1 and "faults[0].kind: protocol_mismatch acts on the fused all-reduce" in warns[0]
+    assert len(warns) == 1 and "faults[0].kind: protocol_mismatch acts on the fused all-reduce" in warns[0].line
 
 
 def test_every_shipped_scenario_has_faults_that_can_fire() -> None:
