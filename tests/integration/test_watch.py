@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import ROOT, shm_names, vdiag_bin, wait_for
+from tests.conftest import ROOT, VdiagRun, shm_names, vdiag_bin, wait_for
 
 JOBS = Path(__file__).resolve().parent / "jobs"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -31,27 +31,7 @@ def torchrun(script: str, n: int = 2) -> list[str]:
     return [TORCHRUN, "--standalone", "--nproc-per-node", str(n), str(JOBS / script)]
 
 
-@dataclass
-class Done:
-    rc: int
-    stdout: str
-    stderr: str
-    reports: Path
-
-    @property
-    def run_dir(self) -> Path:
-        dirs = sorted(p for p in self.reports.iterdir() if p.is_dir())
-        assert dirs, self.stderr
-        return dirs[-1]
-
-    @property
-    def report(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.run_dir / "report.json").read_text())
-        return data
-
-    @property
-    def markdown(self) -> str:
-        return (self.run_dir / "report.md").read_text()
+Done = VdiagRun  # a finished vdiag watch/attach: exit code, output, its report
 
 
 def env() -> dict[str, str]:
