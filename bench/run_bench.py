@@ -73,22 +73,6 @@ faults:
     at: {{phase: capture, size: 8, layer: 1, sub: 0}}
 """
 
-PP2_TWOSHOT_YAML = """\
-name: bench-pp2-tp2-rank3-twoshot
-description: PP=2 TP=2, rank 3 two-shot at one capture call; ranks 0,1 idle in the end-of-start-up barrier
-model: {preset: llama-3.1-70b, num_layers: 2}
-parallel: {tp: 2, pp: 2}
-capture: {sizes: [32, 24, 16, 8]}
-fusion: {allreduce_rms: "on", oneshot: vllm, workspace_group: tp}
-backend: sim
-faults:
-  - kind: protocol_mismatch
-    rank: 3
-    mode: twoshot
-    at: {phase: capture, size: 24, layer: 0, sub: 0}
-"""
-
-
 # ---- the machine --------------------------------------------------------------------------------------
 
 
@@ -249,7 +233,10 @@ def bench_stragglers(work: Path, keep: bool, stalls: list[float]) -> dict[str, A
     true_deadlocks = []
     pp2 = work / "pp2-twoshot.yaml"
     pp2.parent.mkdir(parents=True, exist_ok=True)
-    pp2.write_text(PP2_TWOSHOT_YAML)
+    sys.path.insert(0, str(ROOT))
+    from tests.shared_scenarios import PP2_TWOSHOT  # the scenario test_verdict_truth runs
+
+    pp2.write_text(PP2_TWOSHOT)
     for scenario, sets in ((MISSING_PEER, ["model.num_layers=2", "capture.sizes=[16, 8]", "backend=sim"]),
                            (SCENARIOS / "mech-jit-lock.yaml", ["model.num_layers=2", "capture.sizes=[16, 8]",
                                                                "backend=sim"]),

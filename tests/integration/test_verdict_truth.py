@@ -16,22 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SCENARIOS, VdiagRun, leftovers, run_vdiag, shm_names, vdiag_bin, wait_for
-
-PP2_TWOSHOT = """\
-# PP=2 TP=2, workspace over the TP group, rank 3 two-shot at one capture call (its peer stays one-shot).
-name: pp2-tp2-rank3-twoshot
-model: {preset: llama-3.1-70b, num_layers: 2}
-parallel: {tp: 2, pp: 2}
-capture: {sizes: [32, 24, 16, 8]}
-fusion: {allreduce_rms: "on", oneshot: vllm, workspace_group: tp}
-backend: sim
-faults:
-  - kind: protocol_mismatch
-    rank: 3
-    mode: twoshot
-    at: {phase: capture, size: 24, layer: 0, sub: 0}
-expect: hang
-"""
+from tests.shared_scenarios import PP2_TWOSHOT
 
 STALL = """\
 # TP=2: rank 1 stalls {seconds} s on the host (a JIT build, torch.compile, a slow file system) before one call.
