@@ -60,7 +60,12 @@ python3 -m pip download -q --no-deps "${plat[@]}" -d .vlb/deps \
   jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 orjson==3.13.0 more-itertools \
   truststore==0.10.5 httpx2==2.16.2 httpcore2==2.16.2 dill==0.4.1 pydantic==2.14.4 pydantic_core==2.50.5 \
   annotated-types==0.8.0 typing-inspection==0.4.5 apache-tvm-ffi==0.1.15.post2 typing_extensions==4.16.0 \
-  anyio==4.16.0 sniffio==1.3.1 h11==0.16.0 py-spy
+  anyio==4.16.0 sniffio==1.3.1 h11==0.16.0 setproctitle==1.3.8 py-spy
+# What `vllm serve` needs beyond that (its API server's imports at start-up, found on a CPU machine).
+mkdir -p .vlb/deps-serve
+python3 -m pip download -q --no-deps "${plat[@]}" -d .vlb/deps-serve \
+  uvicorn==0.54.0 watchfiles==1.3.0 model-hosting-container-standards==0.1.16 jmespath==1.1.0 \
+  prometheus-fastapi-instrumentator==8.1.0
 du -sh .vla .vlb .vlc
 cat <<'MSG'
 Three calls, back to back:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -56,13 +57,17 @@ HOST_SITES = {
     "all_reduce": WaitSite.HOST_ALL_REDUCE,
     "barrier": WaitSite.HOST_BARRIER,
     "all_gather_object": WaitSite.RENDEZVOUS,
-    "cudaDeviceSynchronize": WaitSite.DEVICE_SYNC,
 }
 # Waits inside a library, matched on the module the frame is in (never on a function of vdiag's own).
 LIBRARY_SITES = {
     "filelock/": WaitSite.FILE_LOCK,
     "subprocess.py": WaitSite.CHILD_PROCESS,
 }
+# A host thread blocked on its GPU: torch's synchronisations (Python frames, by module and function) and the
+# CUDA runtime's and driver's blocking entry points (native frames: a D2H copy such as `.cpu()`, `.item()`
+# or `.tolist()` has no Python frame of its own). A kernel that spins keeps its rank's host thread here.
+TORCH_SYNC_FRAMES = (("torch/cuda/", "synchronize"), ("torch/accelerator/", "synchronize"))
+CUDA_BLOCKING = re.compile(r"^cu(da)?((Device|Stream|Event|Ctx)Synchronize|Memcpy)|(stream|device)_synchronize")
 # What each wait site is, in the report's words ({frames}: the library's innermost frames).
 SITE_TEXT = {
     WaitSite.LAMPORT_POLL: "the one-shot Lamport poll (waits until no -0.0 sentinel is left in its own buffer)",
@@ -70,9 +75,9 @@ SITE_TEXT = {
     WaitSite.CTA_COUNTER: "the end-of-kernel CTA arrival counter (waits until its private counter == its own gridDim)",
     WaitSite.TWOSHOT_GPU: "the two-shot kernel's Barrier::sync or its end-of-kernel CTA counter",
     WaitSite.HOST_ALL_REDUCE: "a host-side all_reduce (the unfused path) waiting for its TP peers",
-    WaitSite.HOST_BARRIER: "the end-of-start-up barrier, waiting for the other ranks",
+    WaitSite.HOST_BARRIER: "{frames}, waiting for the other ranks",
     WaitSite.RENDEZVOUS: "the workspace rendezvous (all_gather over the workspace group)",
-    WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize, waiting for its GPU",
+    WaitSite.DEVICE_SYNC: "a CUDA synchronisation (the host thread waits for its GPU: {frames})",
     WaitSite.FILE_LOCK: "a file lock, inside filelock's acquire loop ({frames}): another process holds the lock",
     WaitSite.CHILD_PROCESS: "a child process it started, inside subprocess ({frames})",
 }
@@ -243,6 +248,23 @@ def _library_site(stack: StackSample) -> tuple[WaitSite, str] | None:
     return None
 
 
+def _device_sync(stack: StackSample) -> str:
+    """The frames that show the main thread blocked on its GPU ("" when it is not)."""
+    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and stack.threads:
+        th = stack.threads[0]
+    for f in th.frames if th else []:
+        short = f.function.rsplit(".", 1)[-1].split("(")[0]
+        path = f.file.replace("\\", "/")
+        if f.native and CUDA_BLOCKING.search(short):
+            return f"{short} (native)"
+        for module, fn in TORCH_SYNC_FRAMES:
+            if not f.native and module in path and short == fn:
+                where = path[path.index(module):]
+                return f"{f.function} ({where}:{f.line})" if f.line else f"{f.function} ({where})"
+    return ""
+
+
 def stack_wait(stack: StackSample | None) -> tuple[WaitSite, str] | None:
     """Which known wait a rank's stack is in, and the library frames that show it (py-spy's stack)."""
     if stack is None:
@@ -255,11 +277,32 @@ def stack_wait(stack: StackSample | None) -> tuple[WaitSite, str] | None:
     lib = _library_site(stack)
     if lib:
         return lib
+    dev = _device_sync(stack)
+    if dev:
+        return WaitSite.DEVICE_SYNC, dev
     for f in funcs:
         for key, site in HOST_SITES.items():
             if key in f.rsplit(".", 1)[-1]:
-                return site, ""
+                return site, (_barrier_caller(stack) if site is WaitSite.HOST_BARRIER else "")
     return None
+
+
+def _barrier_caller(stack: StackSample) -> str:
+    """Whose barrier a rank waits in: the replay's own end-of-start-up barrier, or the job's (its call site)."""
+    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
+    if th is None and stack.threads:
+        th = stack.threads[0]
+    frames = [f for f in (th.frames if th else []) if not f.native and f.file]
+    for i, f in enumerate(frames):
+        if "barrier" in f.function.rsplit(".", 1)[-1]:
+            for g in frames[i + 1:]:
+                path = g.file.replace("\\", "/")
+                if "torch/distributed" in path:
+                    continue
+                if "repro/engines/" in path:
+                    return "the end-of-start-up barrier"
+                return f"a torch.distributed barrier ({_short_file(path)}:{g.line})" if g.line else "a torch.distributed barrier"
+    return "a torch.distributed barrier"
 
 
 def stack_wait_site(stack: StackSample | None) -> WaitSite | None:
@@ -281,7 +324,8 @@ def _lamport_spin(stack: StackSample | None, gpu: GpuState | None) -> bool:
 
 
 def _lock_text(x: FileLockHold) -> str:
-    who = f"rank {x.holder_rank} (pid {x.holder_pid})" if x.holder_rank is not None else f"pid {x.holder_pid}"
+    who = (f"rank {x.holder_rank} (pid {x.holder_pid})" if x.holder_rank is not None else
+           f"pid {x.holder_pid}" + (f" `{x.holder_cmdline}`" if x.holder_cmdline else "") + ", not a rank or a rank's child")
     text = f"{x.path} is held ({x.kind} {x.mode}, from {x.source}) by {who}"
     if x.children:
         kids = "; ".join(
@@ -292,7 +336,11 @@ def _lock_text(x: FileLockHold) -> str:
     else:
         text += ", which has no child process"
     if x.waiting_ranks:
-        text += f"; {_plural('rank', x.waiting_ranks)} have the same file open and wait for it"
+        verb = "has" if len(x.waiting_ranks) == 1 else "have"
+        text += (f"; {_plural('rank', x.waiting_ranks)} {verb} the same file open and wait for it"
+                 if x.waiting_from == "open file" else
+                 f"; {_plural('rank', x.waiting_ranks)} entered a FlashInfer JIT build under this lock and never "
+                 "left it (JIT record)")
     return text
 
 
@@ -508,7 +556,7 @@ def weigh(
     d7 = h("jit-lock", "Start-up lock: a file lock (FlashInfer's JIT build lock) held by a process that never releases it")
     lock_sites = {r: where_waiting(stacks.get(r)) for r in wd.idle_ranks}
     lock_waiters = sorted(r for r in wd.idle_ranks if stack_wait_site(stacks.get(r)) is WaitSite.FILE_LOCK)
-    held = [x for x in locks if x.holder_rank is not None]
+    held = [x for x in locks if x.holder_rank is not None or x.waiting_ranks]  # a rank holds it, or ranks wait for it
     if hang and (lock_waiters or held):
         for x in held:
             d7["score"] += 2
@@ -598,15 +646,21 @@ def rank_wheres(
         ev = lg.pending_launch() if lg is not None else None
         state = ("finished" if lg is not None and lg.done is not None else
                  "straggler" if r in strag else "spinning" if r in wd.busy_ranks else "idle")
+        host = ""
         if r in wd.busy_ranks:
             name, geo, src = rank_kernel(ev, gpu.get(r), tp, pattern, fp32_acc)
-            site = where_waiting(stacks.get(r)) or gpu_waiting(gpu.get(r))
+            site = where_waiting(stacks.get(r))
+            on_gpu = gpu_waiting(gpu.get(r))
+            if stack_wait_site(stacks.get(r)) == WaitSite.DEVICE_SYNC:  # the host waits for a kernel
+                site, host = on_gpu, site
+            else:
+                site = site or on_gpu
         else:
             name = geo = src = ""
             site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag
                     else known_wait(stacks.get(r)))
         out.append(RankWhere(rank=r, state=state, kernel=name, geometry=geo, kernel_source=src, site=site,
-                             call=call_fields(ev) if ev is not None else CallRef()))
+                             host_wait=host, call=call_fields(ev) if ev is not None else CallRef()))
     return out
 
 
@@ -622,13 +676,13 @@ def _calls_text(calls: list[CallRef]) -> str:
 
 def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
     """One clause per set of spinning ranks that agree on kernel and wait site (and the kernel's source)."""
-    groups: dict[tuple[str, str, str], list[RankWhere]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str], list[RankWhere]] = defaultdict(list)
     for w in wheres:
         if w.state == "spinning":
-            groups[(w.kernel, _short_site(w.site), w.kernel_source)].append(w)
+            groups[(w.kernel, _short_site(w.site), w.kernel_source, _short_site(w.host_wait))].append(w)
     out = []
-    one_source = len({src for (_k, _s, src) in groups}) == 1  # then said once, after the clauses
-    for (kernel, site, src), ws in groups.items():
+    one_source = len({src for (_k, _s, src, _h) in groups}) == 1  # then said once, after the clauses
+    for (kernel, site, src, host), ws in groups.items():
         rs = [w.rank for w in ws]
         who = label(rs[0], tp, pp) if len(rs) == 1 else _plural("rank", rs)
         text = f"{who} {'spins' if len(rs) == 1 else 'spin'}"
@@ -636,9 +690,11 @@ def _spin_groups(wheres: list[RankWhere], tp: int, pp: int) -> list[str]:
             text += f" in {kernel}" + (f" ({_source_text(src)})" if src and not one_source else "")
         if site:
             text += f", inside {site}"
+        if host:
+            text += f" (on the host, {'its' if len(rs) == 1 else 'their'} thread waits in {host})"
         text += f", at {_calls_text([w.call for w in ws if w.call])}"
         out.append(text)
-    srcs = {src for (k, _s, src) in groups if k and src}
+    srcs = {src for (k, _s, src, _h) in groups if k and src}
     if out and one_source and srcs:
         n = sum(len(ws) for ws in groups.values())
         out[-1] += f" (kernel{'s' if n > 1 else ''} {_source_text(srcs.pop())})"
@@ -789,11 +845,11 @@ def make_verdict(
         return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=[], idle=idle, kernel="",
                        call=call_fields(ev) if ev else CallRef(), top_hypothesis=top.key if top else "", ranks=wheres)
     elif wd.cls == "all-spinning":
-        headline = f"all-spinning: ranks {ranks_text(spinning)} busy, none progressing"
+        headline = f"all-spinning: {_plural('rank', spinning)} busy, none progressing"
     elif wd.cls == "timeout":
         headline = "timeout: the run did not finish within max_run_s"
     else:
-        headline = f"spin-deadlock: {ranks_text(spinning)} spinning, {ranks_text(idle)} idle"
+        headline = f"spin-deadlock: {_plural('rank', spinning)} spinning, {_plural('rank', idle)} idle"
     if wd.stragglers:
         headline += f" (straggler: {_plural('rank', [st.rank for st in wd.stragglers])})"
     lead = "; ".join(_spin_groups(wheres, tp, pp)) or "no rank spins"

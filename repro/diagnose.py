@@ -131,8 +131,10 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
                              f"{ev.watchdog.idle_ranks or 'none'}) is inferred from CPU time and stacks",
                         how="inferred", source="repro.observe.monitor"))
     if any(lg.launches for lg in logs.values()):
-        out.append(Fact(text="launch configurations in the launch logs are computed from FlashInfer's launcher "
-                             "arithmetic for the calls vLLM made", how="computed", source="repro.kernel_launch"))
+        n = sum(len(lg.launches) for lg in logs.values())
+        out.append(Fact(text=f"the launch configurations of the job's {n} fused calls (launch/rank<R>.jsonl, recorded "
+                             "by vdiag's instrumentation as the job made them) are computed from FlashInfer's "
+                             "launcher arithmetic", how="computed", source="repro.kernel_launch"))
     return out
 
 
@@ -215,15 +217,21 @@ def _diagnose_job(run_dir: RunDir, ev: Evidence, ctx: JobContext) -> Report:
     locks = ev.locks if ev.locks is not None else load_locks(run_dir.root)
     analysis = analyze(logs, ev.watchdog, ev.stacks, ev.gpu, tp=tp, pp=pp, fused=fused, locks=locks)
     if not any(lg.launches for lg in logs.values()):
-        verdict = observed_verdict(ev.watchdog, job, stacks_by_rank, analysis.hypotheses, ctx.numbered)
+        verdict = observed_verdict(ev.watchdog, job, stacks_by_rank, analysis.hypotheses, ctx.numbered,
+                                   gpu={g.rank: g for g in ev.gpu}, ranks=analysis.verdict.ranks, locks=locks)
         analysis = analysis.model_copy(update={"verdict": verdict})
     job = job.model_copy(update={"facts": _facts(job, ctx, ev, stacks_by_rank, logs)})
     notes = list(ev.notes)
+    from repro.engines.vllm.runner import jit_notes
+
+    notes += [n for n in jit_notes(run_dir.root) if n not in notes]  # the job's FlashInfer JIT builds, if recorded
     denied = [c for c in ev.collectors if c.advice and "ptrace denied" in c.advice]
     if denied:
-        notes.append("ptrace was refused, so py-spy and cuda-gdb could not read the processes; still observed: "
-                     "CPU activity per process (/proc), NVML, the environment and the job's output. To grant "
-                     "ptrace: " + denied[0].advice)
+        note = ("ptrace was refused, so py-spy and cuda-gdb could not read the processes; still observed: "
+                "CPU activity per process (/proc), NVML, the environment and the job's output. To grant "
+                "ptrace: " + denied[0].advice)
+        if note not in notes:  # a stored report's notes have it already (--reanalyse)
+            notes.append(note)
     by_pid = {p.pid: p for p in job.processes}
     summaries = []
     for r, pid in sorted(ctx.ranks.items()):
@@ -354,9 +362,16 @@ def reanalyse(run_dir: RunDir) -> Report:
     if not run_dir.report_json.exists():
         return rebuild_report(run_dir)
     old = load_report(run_dir.report_json)
-    if old.observed is not None:
-        raise ScenarioError(f"{run_dir.root}: --reanalyse covers folders of `vdiag run` and of the merge; this one "
-                            f"is from `vdiag {old.observed.mode}`: run `vdiag report {run_dir.root}` without it")
+    if old.observed is not None:  # watch / attach: the job as it was seen, analysed again
+        ranks = {r.rank: r.pid for r in old.ranks if r.pid is not None}
+        by_pid = {p.pid: p.identity for p in old.observed.processes}
+        numbered = any(by_pid.get(pid) is None or by_pid[pid].rank != r for r, pid in ranks.items())
+        job_ctx = JobContext(job=old.observed.model_copy(update={"facts": []}), ranks=ranks, numbered=numbered,
+                             started=dt.datetime.fromisoformat(old.started), duration_s=old.duration_s,
+                             exit_code=old.exit_code if old.exit_code is not None else 0)
+        ev = Evidence(watchdog=old.watchdog, stacks=list(old.stacks), gpu=list(old.gpu),
+                      collectors=list(old.collectors), env=old.env, notes=list(old.notes), locks=list(old.locks))
+        return diagnose(run_dir, ev, job_ctx)
     try:
         sc = Scenario.model_validate_json(run_dir.scenario_json.read_text())
     except (OSError, ValueError):

@@ -3,7 +3,9 @@ collectors. One home for the format: the writer, the incremental tail, and the t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -134,3 +136,36 @@ def per_call_timings(launch_dir: Path) -> dict[str, Any]:
     return {"mean_call_s": statistics.fmean(durations) if durations else nan,
             "span_per_call_s": statistics.fmean(spans) if spans else nan,
             "calls": len(durations), "token_counts": tokens}
+
+
+# ---- FlashInfer JIT records (vllm/jit-rank<N>.jsonl, written by repro.engines.vllm.instrument) ----------
+
+JIT_FILE = "jit-rank{rank}.jsonl"
+
+
+def read_jit_records(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """Every rank's JIT records (vllm/jit-rank<N>.jsonl), oldest first."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for f in sorted((run_dir / "vllm").glob("jit-rank*.jsonl")):
+        m = re.fullmatch(r"jit-rank(\d+)\.jsonl", f.name)
+        if not m:
+            continue
+        recs = []
+        with contextlib.suppress(OSError):
+            for line in f.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    recs.append(json.loads(line))
+        out[int(m.group(1))] = recs
+    return out
+
+
+def unfinished_jit(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The builds a rank entered and never left (no `return` or `error` for the same module after it)."""
+    open_: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        mod = str(r.get("module"))
+        if r.get("ev") == "enter":
+            open_[mod] = r
+        elif r.get("ev") in ("return", "error"):
+            open_.pop(mod, None)
+    return list(open_.values())

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from repro.analysis import where_waiting
-from repro.records import Hypothesis, ObservedJob, StackSample, Verdict, WatchdogVerdict
-from repro.report.format import LIST, rank_label
+from repro.analysis import gpu_waiting, where_waiting
+from repro.records import (
+    FileLockHold,
+    GpuState,
+    Hypothesis,
+    ObservedJob,
+    RankWhere,
+    StackSample,
+    Verdict,
+    WatchdogVerdict,
+)
+from repro.report.format import LIST, rank_label, ranks_text
 
 # torch.distributed's blocking calls, by the function name its Python frame shows.
 COLLECTIVES = (
@@ -69,8 +78,19 @@ def _be(ranks: list[int]) -> str:
     return "is" if len(ranks) == 1 else "are"
 
 
+def _gpu_clause(g: GpuState | None) -> str:
+    """What a rank's GPU was running when it was read (cuda-gdb), in the verdict's words ("" without it)."""
+    if g is None or not g.kernels:
+        return ""
+    k = g.kernels[0]
+    site = gpu_waiting(g).split(" (")[0]
+    running = f", {k.running_blocks} blocks running" if k.running_blocks is not None else ""
+    return f"its GPU runs {k.name.split('<')[0]}" + (f" in {site}" if site else "") + f" ({g.source}{running})"
+
+
 def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, StackSample],
-                     hyps: list[Hypothesis], numbered: bool) -> Verdict:
+                     hyps: list[Hypothesis], numbered: bool, gpu: dict[int, GpuState] | None = None,
+                     ranks: list[RankWhere] | None = None, locks: list[FileLockHold] | None = None) -> Verdict:
     top = hyps[0] if hyps and hyps[0].score > 0 else None
     who = "process" if numbered else "rank"
     if wd.cls == "crash":
@@ -82,8 +102,18 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
     if not wd.is_hang:
         slow = (f" Progress stalled for {wd.stall_s:g} s or more {wd.slow_resumed} time(s) and resumed: slow, "
                 "not hung.") if wd.cls == "slow" else ""
+        ready = ""
+        if job.ready_line:
+            when = f" after {job.ready_s:g} s" if job.ready_s is not None else ""
+            ready = (f" Its start-up finished{when}: it printed {job.ready_line!r}, and vdiag stopped looking "
+                     "for a stall from then on.")
+        if job.ended_by_user:
+            return Verdict(cls=wd.cls, headline=f"{wd.cls}: the job's start-up finished and no hang was seen; "
+                                                "vdiag ended the job on Ctrl-C",
+                           paragraph=f"No stall was seen before the job said it was ready.{ready}{slow} The job "
+                                     "was then ended because vdiag was interrupted (Ctrl-C).")
         return Verdict(cls=wd.cls, headline=f"{wd.cls}: the command finished (exit status 0) and no hang was seen",
-                       paragraph=f"The command ran to its end with exit status 0.{slow}")
+                       paragraph=f"The command ran to its end with exit status 0.{ready}{slow}")
     if job.interrupted:
         live = sorted(set(wd.busy_ranks) | set(wd.idle_ranks))
         where = "; ".join(f"{who} {r} was {'busy' if r in wd.busy_ranks else 'idle'} in "
@@ -124,7 +154,8 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
         sp = []
         for r in spin:
             w = site[r] or innermost(stacks.get(r)) or "no stack"
-            sp.append(f"{who} {r} burns {wd.cpu_pct.get(r, 0):.0f} % CPU in {w}")
+            on_gpu = _gpu_clause((gpu or {}).get(r))
+            sp.append(f"{who} {r} burns {wd.cpu_pct.get(r, 0):.0f} % CPU in {w}" + (f", and {on_gpu}" if on_gpu else ""))
         sentences.insert(0, "; ".join(sp))
         quiet = []
         for r in wd.idle_ranks:
@@ -138,11 +169,21 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
             headline = (f"{wd.cls}: {_rs(spin)} spinning, {_rs(wd.idle_ranks)} idle" if wd.idle_ranks
                         else f"{wd.cls}: {_rs(spin)} busy, none progressing")
     if not headline:
-        headline = f"{wd.cls}: all {len(live)} live {who}es idle, none progressing" if who == "process" else \
-            f"{wd.cls}: all {len(live)} live ranks idle on the host, none progressing"
+        if len(live) == 1:
+            headline = f"{wd.cls}: the one live {who} {live[0]} is idle on the host, not progressing"
+        else:
+            headline = f"{wd.cls}: all {len(live)} live {who}es idle, none progressing" if who == "process" else \
+                f"{wd.cls}: all {len(live)} live ranks idle on the host, none progressing"
         if not sentences:
             sentences.append("; ".join(f"{who} {r} is in {site[r] or innermost(stacks.get(r)) or 'an unknown wait'}"
                                        for r in live))
+    for x in locks or []:
+        if x.waiting_ranks and x.holder_rank is None:
+            cmd = f" (`{x.holder_cmdline}`)" if x.holder_cmdline else ""
+            ours = x.holder_pid in {p.pid for p in job.processes}
+            sentences.append(f"the lock {who} {ranks_text(x.waiting_ranks)} waits for, {x.path}, is held by pid "
+                             f"{x.holder_pid}{cmd}, " + ("a process of the job that is not a rank" if ours else
+                                                         "which is not part of the job") + f" ({x.source})")
     if job.stragglers:
         sentences.append(f"{_rs(job.stragglers)} stayed outside every known wait (collective, lock, "
                          f"synchronisation or spin-wait) for the whole patience window of {job.patience_s:g} s: "
@@ -160,4 +201,4 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
     elif top is not None:
         para += f" Most likely cause: {top.title[0].lower() + top.title[1:]} ({top.status})."
     return Verdict(cls=wd.cls, headline=headline, paragraph=para, spinning=wd.busy_ranks, idle=wd.idle_ranks,
-                   top_hypothesis=top.key if top else "")
+                   top_hypothesis=top.key if top else "", ranks=ranks or [])

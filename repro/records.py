@@ -44,8 +44,8 @@ class LaunchEvent(_Event):
     call: int
     phase: str
     size: int
-    layer: int
-    sub: int
+    layer: int | None = None  # None: a job vdiag did not launch and that is not vLLM (no layer to infer)
+    sub: int | None = None
     op: Literal["fused", "unfused"]
     token_num: int
     hidden: int
@@ -298,7 +298,9 @@ class FileLockHold(_Rec):
     holder_rank: int | None = None
     holder_cmdline: str = ""
     children: list[LockProcess] = []  # the holder's descendants
-    waiting_ranks: list[int] = []  # ranks that have the same file open without holding it
+    waiting_ranks: list[int] = []  # ranks that have the same file open without holding it (or, by
+    #                                `waiting_from`, whose JIT records name it: filelock closes it between tries)
+    waiting_from: Literal["open file", "JIT record"] = "open file"
     source: str = "/proc/locks"
 
 
@@ -349,7 +351,7 @@ _WAIT_LABELS = {
     WaitSite.CTA_COUNTER: "CTA counter", WaitSite.TWOSHOT_GPU: "two-shot barrier/counter",
     WaitSite.FILE_LOCK: "file lock", WaitSite.CHILD_PROCESS: "child process",
     WaitSite.HOST_ALL_REDUCE: "host all_reduce", WaitSite.HOST_BARRIER: "host barrier",
-    WaitSite.RENDEZVOUS: "host rendezvous", WaitSite.DEVICE_SYNC: "cudaDeviceSynchronize",
+    WaitSite.RENDEZVOUS: "host rendezvous", WaitSite.DEVICE_SYNC: "CUDA synchronisation",
 }
 
 
@@ -449,6 +451,7 @@ class RankWhere(_Rec):
     geometry: str = ""  # grid, block, cluster
     kernel_source: KernelSource = ""
     site: str = ""  # what it waits in, from its stack (or its GPU state)
+    host_wait: str = ""  # a spinning rank whose site is its GPU's: where its host thread waits (its stack)
     call: CallRef = CallRef()
 
 
@@ -503,7 +506,7 @@ class FaultOutcome(_Rec):
 # ---- jobs vdiag did not launch (`vdiag watch`, `vdiag attach`; repro/observe/) -----------------------
 
 FactHow = Literal["observed", "inferred", "computed"]
-ProcessRole = Literal["worker", "engine-core", "api-server", "torchrun-agent", "launcher", "process"]
+ProcessRole = Literal["worker", "engine-core", "api-server", "torchrun-agent", "launcher", "helper", "process"]
 
 
 class Fact(_Rec):
@@ -570,6 +573,10 @@ class ObservedJob(_Rec):
     on_hang: str = "report"
     stragglers: list[int] = []  # ranks outside every known wait when the verdict was given
     interrupted: bool = False  # Ctrl-C on vdiag before any hang was seen: the job was ended
+    ready_line: str = ""  # the line in which the job said its start-up was over (redacted)
+    ready_s: float | None = None  # seconds from the start of the watch to that line
+    ended_by_user: bool = False  # Ctrl-C after the job was ready: vdiag ended it, no hang was judged
+    numbered: bool = False  # the diagnosed processes carry vdiag's numbers (pid order), not ranks they showed
     facts: list[Fact] = []
 
 

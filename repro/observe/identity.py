@@ -45,6 +45,20 @@ def parse_title(text: str) -> tuple[str, ProcessRole, dict[str, int]] | None:
     return m.group(0), _ROLES[m["name"]], tags
 
 
+# Python processes that serve a job but do none of its work: multiprocessing's resource tracker and fork
+# server, torch.compile's (inductor's) compile-worker pool. They idle in their own loops for the whole job.
+HELPER_RE = re.compile(r"multiprocessing\.(resource_tracker|forkserver)|torch\._inductor\.compile_worker"
+                       r"|_inductor/compile_worker")
+
+
+def helper_kind(cmdline: Sequence[str]) -> str:
+    """What helper a command line shows ("" when it is none)."""
+    m = HELPER_RE.search(" ".join(cmdline[:6]))
+    if m is None:
+        return ""
+    return "torch.compile's compile worker" if "compile_worker" in m.group(0) else f"multiprocessing's {m.group(1).replace('_', ' ')}"
+
+
 def is_torchrun_agent(cmdline: Sequence[str]) -> bool:
     joined = " ".join(cmdline[:4])
     return "torchrun" in joined or "torch.distributed.run" in joined or "torch.distributed.launch" in joined
@@ -89,6 +103,9 @@ def identify(
             src["pp_rank"] = "process title (no _PP tag: PP size 1)"
     elif role == "process" and is_torchrun_agent(cmdline):
         role = "torchrun-agent"
+    elif role == "process" and helper_kind(cmdline):
+        role = "helper"
+        src["role"] = f"command line: {helper_kind(cmdline)}"
     if nvml_gpus:
         fields["nvml_gpus"] = sorted(nvml_gpus)
         src["nvml_gpus"] = "NVML's per-device process list"

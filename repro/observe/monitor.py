@@ -23,7 +23,7 @@ from repro.analysis import where_waiting
 from repro.collectors.stacks import collect_stacks
 from repro.events import LogTail
 from repro.observe.job import Job
-from repro.observe.progress import ProgressScanner
+from repro.observe.progress import READY_PATTERNS, ProgressScanner
 from repro.observe.tree import ProcessTree, Tracked
 from repro.records import ActivitySample, StackSample, WatchdogVerdict
 from repro.report.format import LIST, rank_label
@@ -38,6 +38,7 @@ CONFIRM_S = 2.5
 @dataclass
 class WatchConfig:
     stall_s: float = DEFAULT_STALL_S
+    ready_patterns: tuple[str, ...] = READY_PATTERNS
     patience_s: float = DEFAULT_PATIENCE_S
     sample_interval_s: float = 0.5
     confirm_s: float = CONFIRM_S
@@ -99,6 +100,13 @@ def probe_waits(subjects: dict[int, Tracked], run_dir: RunDir) -> Probe:
         p.waits[r] = w
         if not w:
             p.outside.append(r)
+    if p.outside:  # blocked in a CUDA call (a D2H copy behind a spinning kernel) shows only in native frames
+        native, _ = collect_stacks({r: live[r] for r in p.outside}, run_dir, native=True, timeout=10.0)
+        for s in native:
+            w = where_waiting(s)
+            if w:
+                p.waits[s.rank], p.stacks[s.rank] = w, s
+                p.outside.remove(s.rank)
     return p
 
 
@@ -117,6 +125,7 @@ class Monitor:
         self.last_progress = self.started
         self.last_progress_wall: float | None = None
         self.slow_resumed = 0
+        self.ready_told = False
         self._activity = open(run_dir.activity, "a")  # noqa: SIM115
         self.gpu = GpuSampler()
 
@@ -202,6 +211,13 @@ class Monitor:
                                       note=f"still running after {cfg.max_s:g} s (--max-s)")
                     return MonitorResult(False, None, v, probe_waits(subjects, self.run_dir), subjects, numbered,
                                          now - 5)
+                if self.scanner is not None and self.scanner.ready_line:
+                    if not self.ready_told:
+                        self.ready_told = True
+                        self.say(f"vdiag: the job says its start-up is over ({self.scanner.ready_line!r}); a "
+                                 "serving job that idles is not a stalled start-up, so vdiag stops looking for "
+                                 "one and follows the job until it ends (Ctrl-C ends it)")
+                    continue
                 if suspected is not None and self.last_progress > suspected:
                     self.slow_resumed += 1
                     if told:
@@ -238,6 +254,14 @@ class Monitor:
                 return MonitorResult(False, None, v, probe, subjects, numbered, since)
         finally:
             self.close()
+
+    def ended_by_user(self) -> MonitorResult:
+        """Ctrl-C after the job said it was ready: a clean start-up, ended by the user; nothing judged after."""
+        self.tree.refresh()
+        subjects, numbered = self.tree.subjects()
+        now = time.monotonic()
+        v = self._verdict("clean", subjects, now - 5, note="start-up finished; the job was then ended by Ctrl-C")
+        return MonitorResult(True, None, v, Probe(), subjects, numbered, now - 5)
 
     def interrupted(self) -> MonitorResult:
         """Ctrl-C before a verdict: where every rank was at that moment (Python stacks), for the report."""

@@ -5,6 +5,11 @@ keyed by its label (the text before the counter, with percentages and digits bla
 its N changes. Any other line counts as progress only the first time its shape (digits blanked) is seen:
 a job that repeats the same warning every minute while it hangs (vLLM prints "No available shared memory
 broadcast block found in 60 seconds") is not making progress.
+
+A server tells when its start-up is over: uvicorn, under vLLM's and SGLang's OpenAI servers, prints
+"Application startup complete."; SGLang adds "The server is fired up and ready to roll!". After such a
+line a serving job that idles (no requests, so nothing printed) is not a stalled start-up, and the watch
+stops looking for one (`ready_line`). `--ready-pattern` adds a job's own line.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]")
 _BAR = re.compile(r"(?<![\w/.:-])(?P<n>\d{1,9})/(?P<total>\d{1,9})(?![\w/.:-])")
 _DIGITS = re.compile(r"\d+")
 MAX_SHAPES = 4096
+READY_PATTERNS = (r"Application startup complete", r"The server is fired up and ready to roll")
 
 
 def clean(text: str) -> str:
@@ -53,6 +59,9 @@ class ProgressScanner:
     lines: int = 0
     bars: dict[str, ProgressMark] = field(default_factory=dict)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    ready_patterns: tuple[str, ...] = READY_PATTERNS
+    ready_line: str = ""  # the first line that said start-up is over (redacted), "" until one does
+    ready_t: float | None = None  # time.monotonic() when it came
     _shapes: set[str] = field(default_factory=set)
     _partial: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -80,6 +89,8 @@ class ProgressScanner:
         if not line:
             return False
         self.lines += 1
+        if not self.ready_line and any(re.search(p, line) for p in self.ready_patterns):
+            self.ready_line, self.ready_t = redact_text(line)[:400], time.monotonic()
         bar = find_bar(line)
         if bar is not None:
             if not self.tail or not _same_bar(self.tail[-1], bar[0]):

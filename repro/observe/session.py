@@ -63,7 +63,8 @@ def _signal_name(rc: int | None) -> str | None:
 
 
 def _job_record(mode: str, command: str, roots: list[int], tree: ProcessTree, res: MonitorResult,
-                opts: ObserveOptions, scanner: ProgressScanner | None, returncode: int | None) -> ObservedJob:
+                opts: ObserveOptions, scanner: ProgressScanner | None, returncode: int | None,
+                t0: float | None = None) -> ObservedJob:
     waits = {res.subjects[r].pid: wait_text(st) for r, st in res.probe.stacks.items() if r in res.subjects}
     for t in tree.procs.values():
         if t.exited and t.exit_status is None and t.pid in roots:
@@ -77,12 +78,14 @@ def _job_record(mode: str, command: str, roots: list[int], tree: ProcessTree, re
         signal=_signal_name(returncode), stall_s=opts.watch.stall_s if mode == "watch" else opts.sample_s,
         patience_s=opts.watch.patience_s, instrumented=opts.instrument and mode == "watch", on_hang=opts.on_hang,
         stragglers=res.probe.outside if res.verdict.is_hang and mode == "watch" else [],
+        numbered=res.numbered, ready_line=scanner.ready_line if scanner else "",
+        ready_s=round(scanner.ready_t - t0, 1) if scanner and scanner.ready_t is not None and t0 is not None else None,
     )
 
 
 def _report(run_dir: RunDir, mode: str, command: str, roots: list[int], tree: ProcessTree, res: MonitorResult,
             opts: ObserveOptions, scanner: ProgressScanner | None, started: dt.datetime, t0: float,
-            returncode: int | None, notes: list[str]) -> tuple[Report, int]:
+            returncode: int | None, notes: list[str], *, ended_by_user: bool = False) -> tuple[Report, int]:
     wd = res.verdict
     if wd.is_hang:
         stacks, gpu, runs, env = collect(run_dir, res.subjects, wd.busy_ranks, command=command, hang=True,
@@ -91,7 +94,9 @@ def _report(run_dir: RunDir, mode: str, command: str, roots: list[int], tree: Pr
     else:
         stacks, gpu, runs, env = collect(run_dir, res.subjects, [], command=command, hang=False)
         code = ExitCode.CLEAN if wd.cls in ("clean", "slow") else ExitCode.CRASH
-    job = _job_record(mode, command, roots, tree, res, opts, scanner, returncode)
+    job = _job_record(mode, command, roots, tree, res, opts, scanner, returncode, t0)
+    if ended_by_user:
+        job = job.model_copy(update={"ended_by_user": True})
     if job.output_tail and wd.cls == "crash":
         notes = [*notes, "last lines of the command's output:", *[f"    {ln}" for ln in job.output_tail[-10:]]]
     ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()}, numbered=res.numbered,
@@ -111,7 +116,7 @@ def _interrupted_report(run_dir: RunDir, command: str, root: int, tree: ProcessT
     from repro.collectors.environment import collect_env
 
     env = collect_env(run_dir, "").model_copy(update={"command_line": command})
-    job = _job_record("watch", command, [root], tree, res, opts, scanner, None)
+    job = _job_record("watch", command, [root], tree, res, opts, scanner, None, t0)
     job = job.model_copy(update={"interrupted": True, "stragglers": []})
     ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()}, numbered=res.numbered,
                      started=started, duration_s=time.monotonic() - t0, exit_code=INTERRUPTED)
@@ -149,7 +154,7 @@ def watch_command(argv: list[str], opts: ObserveOptions) -> Outcome:
     (run_dir.root / "command.txt").write_text(command + "\n")
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
-    scanner = ProgressScanner()
+    scanner = ProgressScanner(ready_patterns=opts.watch.ready_patterns)
     env: dict[str, str] = {}
     notes: list[str] = []
     if opts.instrument:
@@ -192,6 +197,15 @@ def watch_command(argv: list[str], opts: ObserveOptions) -> Outcome:
     except KeyboardInterrupt:
         if rep is not None:  # the hang was reported already: end the job, exit 1
             job.end()
+            return Outcome(rep, run_dir, code)
+        if scanner.ready_line:  # start-up had finished: a clean start-up, ended by the user
+            job.end()
+            res = mon.ended_by_user()
+            rep, code = _report(run_dir, "watch", command, [job.pid], tree, res, opts, scanner, started, t0,
+                                job.returncode(), notes, ended_by_user=True)
+            _render(rep, opts)
+            _say(opts, f"vdiag: the job's start-up had finished and no hang was seen; the job was ended; "
+                       f"{run_dir.report_md}")
             return Outcome(rep, run_dir, code)
         try:
             res = mon.interrupted()

@@ -182,16 +182,21 @@ class ProcessTree:
         return out
 
     def subjects(self) -> tuple[dict[int, Tracked], bool]:
-        """The processes the diagnosis is about, keyed by rank: the ranked workers, or where none has a
-        known rank, the Python processes that have no Python child (numbered in pid order; the second
-        value says so, so that the report never passes such a number off as a rank)."""
+        """The processes the diagnosis is about, keyed by rank: the ranked workers; where none has a known
+        rank, the processes vLLM's titles name as its workers or engine cores (an engine core runs the
+        model itself at TP=1); else the Python processes that have no Python child, leaving out helpers
+        such as multiprocessing's resource tracker. Numbered in pid order; the second value says so, so that
+        the report never passes such a number off as a rank."""
         ranked = self.ranked()
         if ranked:
             return ranked, False
-        py = [t for t in self.procs.values() if t.python and t.identity.role not in ("torchrun-agent",)]
+        procs = sorted(self.procs.values(), key=lambda t: t.pid)
+        titled = [t for t in procs if t.identity.role in ("worker", "engine-core")]
+        if titled:
+            return dict(enumerate(titled)), True
+        py = [t for t in procs if t.python and t.identity.role not in ("torchrun-agent", "helper")]
         parents = {t.ppid for t in py}
-        leaves = sorted((t for t in py if t.pid not in parents), key=lambda t: t.pid)
-        return dict(enumerate(leaves)), True
+        return dict(enumerate(t for t in py if t.pid not in parents)), True
 
     def observed(self, since: float, busy_pct: float, waits: dict[int, str] | None = None) -> list[ObservedProcess]:
         out = []

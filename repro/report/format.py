@@ -60,6 +60,8 @@ def call_ref_text(ev: LaunchEvent | CallRef | None) -> str:
     if ev is None:
         return "?"
     d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev.fields()
+    if d.get("layer") is None:  # a plain FlashInfer job: no start-up phase or layer to name
+        return f"call {d.get('call')} ({d.get('token_num', d.get('size'))} tokens)"
     return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
 
 
@@ -67,7 +69,8 @@ def pending_call_text(ev: LaunchEvent | None) -> str:
     """The call a rank launched and never returned from: "capture size=16 layer=3 sub=1 grid=(128,1,1) …"."""
     if ev is None:
         return ""
-    parts = [ev.phase, f"size={ev.size}", f"layer={ev.layer}", f"sub={ev.sub}"]
+    parts = ([ev.phase, f"size={ev.size}", f"layer={ev.layer}", f"sub={ev.sub}"] if ev.layer is not None
+             else [f"call={ev.call}", f"size={ev.size}"])
     if ev.token_num != ev.size:
         parts.append(f"tokens={ev.token_num}")
     if ev.op == "unfused":

@@ -383,21 +383,22 @@ def _summary(report: Report) -> str:
     if not out:
         out.append(f"**No verdict text from the analysis; the watchdog classed the run as {w.cls}.**")
     facts: list[str] = []
+    word = "process" if report.observed is not None and report.observed.numbered else "rank"
     kernels: dict[str, list[int]] = {}
     for rw in v.ranks:
         if rw.state == "spinning":
             kernels.setdefault(rw.kernel, []).append(rw.rank)
     if v.spinning and len(kernels) > 1:  # ranks in different kernels: each with its own
         facts.append("- spinning: " + "; ".join(
-            f"{rank_label(rs)} in {_code(k)}" if k else rank_label(rs) for k, rs in kernels.items()))
+            f"{rank_label(rs, word=word)} in {_code(k)}" if k else rank_label(rs, word=word) for k, rs in kernels.items()))
     elif v.spinning:
         where = f" in {_code(v.kernel)}" if v.kernel else ""
         call = f" ({_md(call_text(v.call), 400)})" if v.call else ""
-        facts.append(f"- spinning: {rank_label(v.spinning)}{where}{call}")
+        facts.append(f"- spinning: {rank_label(v.spinning, word=word)}{where}{call}")
     elif v.kernel:
         facts.append(f"- kernel: {_code(v.kernel)}")
     if v.idle:
-        facts.append(f"- idle: {rank_label(v.idle)}")
+        facts.append(f"- idle: {rank_label(v.idle, word=word)}")
     for st in w.stragglers:
         facts.append(f"- straggler: rank {st.rank}, on the host outside every known wait in {_code(st.where)}, "
                      f"{st.idle_s:g} s without progress" + (" (it resumed)" if w.cls == "slow" else ""))
@@ -482,7 +483,8 @@ def _where_section(report: Report) -> _Section | None:
     groups: dict[tuple[str, ...], list[int]] = {}
     for rw in ranks:  # ranks that agree on everything share a row
         kernel = rw.kernel + (f" ({rw.geometry})" if rw.geometry else "")
-        key = (rw.state, kernel, rw.kernel_source, rw.site, call_text(rw.call) if rw.call else "")
+        site = rw.site + (f"; its host thread: {rw.host_wait}" if rw.host_wait else "")
+        key = (rw.state, kernel, rw.kernel_source, site, call_text(rw.call) if rw.call else "")
         groups.setdefault(key, []).append(rw.rank)
     rows = []
     for (state, kernel, source, site, call), rs in groups.items():
@@ -813,6 +815,11 @@ def _observed_section(report: Report) -> _Section | None:
         items.append("What vdiag observed, inferred and computed:")
         for f in ob.facts:
             items.append(f"- {f.how}: {_md(f.text, 400)}" + (f" ({_md(f.source, 200)})" if f.source else ""))
+    if ob.ready_line:
+        items.append("")
+        when = f" after {ob.ready_s:g} s" if ob.ready_s is not None else ""
+        items.append(f"Start-up finished{when}: the job printed `{_md(ob.ready_line, 200)}`; from then on vdiag "
+                     "no longer looked for a stall (a serving job that idles is not stalled).")
     if ob.progress:
         items.append("")
         items.append("Progress bars in the output (last value):")

@@ -105,6 +105,28 @@ def test_attach_names_vllm_processes_by_their_titles(tmp_path: Path) -> None:
         _end(proc)
 
 
+def test_a_tp1_vllm_job_is_diagnosed_through_its_engine_core_not_its_helpers(tmp_path: Path) -> None:
+    """`python job.py` with LLM(...) at TP=1: no process has a rank; the engine core (by its title) is the
+    one the diagnosis is about, and multiprocessing's resource tracker is a helper, not a rank."""
+    ready = tmp_path / "ready" / "tree"
+    ready.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, str(JOBS / "vllm_tree.py"), "offline", str(ready)], env=env(),
+                            start_new_session=True)
+    try:
+        wait_for(ready.exists, 60, "the TP=1 vLLM-shaped tree")
+        d = attach(["--tree", str(proc.pid), "--sample-s", "1"], tmp_path / "reports")
+        procs = d.report["observed"]["processes"]
+        roles = {p["pid"]: p["identity"]["role"] for p in procs}
+        tracker = [p for p in procs if "resource_tracker" in p["cmdline"]]
+        assert len(tracker) == 1 and tracker[0]["identity"]["role"] == "helper"
+        assert "resource tracker" in tracker[0]["identity"]["sources"]["role"]
+        engine = next(p["pid"] for p in procs if roles[p["pid"]] == "engine-core")
+        assert [s["pid"] for s in d.report["stacks"]] == [engine]  # the only process diagnosed
+        assert proc.poll() is None
+    finally:
+        _end(proc)
+
+
 def test_attach_to_a_pid_that_does_not_exist_is_a_one_line_error(tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

@@ -116,7 +116,7 @@ def test_64_rank_report_stays_within_budget(report64: tuple[dict[str, Any], str,
     assert rep["world_size"] == BIG and len(rep["ranks"]) == BIG
     assert rep["analysis"]["verdict"]["cls"] == "spin-deadlock"
     assert rep["analysis"]["verdict"]["top_hypothesis"] == "missing-peer"
-    assert rep["analysis"]["verdict"]["headline"] == f"spin-deadlock: 0 spinning, 1-{BIG - 1} idle"
+    assert rep["analysis"]["verdict"]["headline"] == f"spin-deadlock: rank 0 spinning, ranks 1-{BIG - 1} idle"
     assert len(md) < MD_LIMIT, f"report.md is {len(md)} chars at {BIG} ranks"
     assert f"| ranks 2-{BIG - 1} |" in md
 

@@ -252,6 +252,42 @@ def test_ctrl_c_before_a_hang_ends_the_job_and_keeps_a_report(tmp_path: Path) ->
     assert d.report["observed"]["progress"][0]["n"] == 0
 
 
+def test_a_server_that_finished_its_start_up_and_idles_is_not_a_stall(tmp_path: Path) -> None:
+    """After uvicorn's "Application startup complete." an idle server prints nothing for ever: with a stall
+    threshold and patience that would call it hung within seconds, vdiag reports nothing while it serves,
+    and Ctrl-C ends it with exit 0 and a clean report that quotes the line."""
+    import urllib.request
+
+    port_file = tmp_path / "port"
+    reports = tmp_path / "reports"
+    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(reports), "--quiet", "--stall-s", "1",
+                             "--patience-s", "1", "--", sys.executable, str(JOBS / "ready_server.py"), str(port_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
+    try:
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "the server's port")
+        url = f"http://127.0.0.1:{port_file.read_text().strip()}/health"
+        time.sleep(8)  # well past stall + confirmation + patience
+        assert not list(reports.glob("*/report.json")), "no report while the server serves"
+        assert urllib.request.urlopen(url, timeout=10).read() == b"ok\n"  # it serves
+        job = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert job and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "start-up is over ('INFO:     Application startup complete.')" in err
+    assert alive(job) == []
+    d = Done(proc.returncode, "", err, reports)
+    v = d.report["analysis"]["verdict"]
+    assert v["cls"] == "clean" and "start-up finished" in v["headline"] and "Ctrl-C" in v["headline"]
+    assert d.report["observed"]["ready_line"] == "INFO:     Application startup complete."
+    assert d.report["observed"]["ended_by_user"] is True
+    assert "Start-up finished after" in d.markdown
+
+
 FAKE_COMM = """
 def trtllm_allreduce_fusion(allreduce_in, world_size, world_rank, token_num, hidden_dim, workspace_ptrs,
                             launch_with_pdl, trigger_completion_at_end, fp32_acc, pattern_code, use_oneshot,

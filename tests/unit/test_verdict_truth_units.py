@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from repro.analysis import _cause, host_frames, known_wait
+from repro.analysis import _cause, host_frames, known_wait, where_waiting
 from repro.records import Frame, Hypothesis, StackSample, ThreadStack
 from repro.scenario import Scenario, fault_warnings
 from repro.watchdog import error_line
@@ -131,3 +131,33 @@ def test_the_readme_table_is_the_exit_code_enum() -> None:
     assert "\n".join(rows) == errors.exit_code_table()
     assert {int(c) for c in errors.ExitCode} == {0, 1, 2, 3, 4, 70, 125, 129, 130, 137, 143}
     assert all(c.meaning for c in errors.ExitCode)
+
+
+def test_a_host_thread_blocked_on_its_gpu_is_a_known_wait() -> None:
+    """A rank whose kernel spins keeps its host thread in a CUDA synchronisation: torch's Python frame where
+    there is one, else (a D2H copy such as `.cpu()`) only the CUDA runtime's native frame shows it."""
+    py_sync = _stack(("synchronize", "/v/lib/python3.12/site-packages/torch/cuda/__init__.py", 1090),
+                     ("main", "/job/fi_token_divergence.py", 80))
+    stream_sync = _stack(("synchronize", "/v/torch/cuda/streams.py", 105), ("main", "/job/j.py", 9))
+    native = StackSample(rank=0, pid=1, source="py-spy --native", threads=[ThreadStack(
+        thread="0x1", name="MainThread", frames=[
+            Frame(function="0x7f00a1b2 (libcuda.so.1)", native=True),
+            Frame(function="cudaMemcpyAsync", file="libcudart.so.13", native=True),
+            Frame(function="at::native::copy_(at::Tensor&, at::Tensor const&, bool)", native=True),
+            Frame(function="main", file="/job/j.py", line=12)])])
+    own_sync = _stack(("synchronize", "/job/mylib.py", 4), ("main", "/job/j.py", 9))  # not torch's
+    assert where_waiting(py_sync) == ("a CUDA synchronisation (the host thread waits for its GPU: "
+                                      "synchronize (torch/cuda/__init__.py:1090))")
+    assert "streams.py:105" in where_waiting(stream_sync)
+    assert where_waiting(native) == ("a CUDA synchronisation (the host thread waits for its GPU: cudaMemcpyAsync "
+                                     "(native))")
+    assert where_waiting(own_sync) == ""
+
+
+def test_a_barrier_is_named_as_the_replays_end_of_start_up_barrier_only_when_the_replay_called_it() -> None:
+    replay = _stack(("barrier", "/t/torch/distributed/distributed_c10d.py", 4800),
+                    ("run_rank", "/w/repro/engines/replay/replay.py", 310))
+    job = _stack(("barrier", "/t/torch/distributed/distributed_c10d.py", 4800),
+                 ("wrapper", "/t/torch/distributed/c10d_logger.py", 81), ("main", "/job/fi_token_divergence.py", 63))
+    assert where_waiting(replay) == "the end-of-start-up barrier, waiting for the other ranks"
+    assert where_waiting(job) == "a torch.distributed barrier (job/fi_token_divergence.py:63), waiting for the other ranks"

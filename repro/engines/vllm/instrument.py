@@ -38,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from repro.events import LaunchLogWriter
+from repro.events import JIT_FILE, LaunchLogWriter
 from repro.kernel_launch import launch_config
 from repro.layout import place
 from repro.records import (
@@ -333,7 +333,8 @@ def _launch_record(rec: Recorder, name: str, a: dict[str, Any]) -> dict[str, Any
     k = rec.forward_calls
     record: dict[str, Any] = dict(
         seq=rec.seq, call=rec.calls, phase=p.phase, size=p.size if p.size is not None else token_num,
-        layer=k // 2, sub=k % 2, op="fused", token_num=token_num, hidden=hidden, dtype=dtype, oneshot=oneshot,
+        # vLLM makes two fused calls per decoder layer; a process with no vLLM phase has no layers to name
+        layer=k // 2 if p.phase != "starting" else None, sub=k % 2 if p.phase != "starting" else None, op="fused", token_num=token_num, hidden=hidden, dtype=dtype, oneshot=oneshot,
     )
     args: dict[str, Any] = dict(
         entry=name, fi_backend=fi_backend, world_size=world, pattern=pattern, fp32_acc=fp32_acc,
@@ -369,6 +370,15 @@ def _tensor_key(t: Any) -> int | None:
         return None
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+
 def _wrap_fused(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
     sig = inspect.signature(orig)
 
@@ -378,15 +388,19 @@ def _wrap_fused(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
         with _nested("fused") as outer:
             if rec is None or not outer:
                 return orig(*args, **kwargs)
-            with rec.lock:
-                record = _launch_record(rec, name, _bind(sig, args, kwargs))
-                seq = rec.seq
-                rec.seq += 1
-                rec.calls += 1
-                rec.forward_calls += 1
-                capturing = _capturing()
-                record["args"]["capturing"] = capturing
-                rec.emit(LaunchEvent, **record)
+            try:
+                with rec.lock:
+                    record = _launch_record(rec, name, _bind(sig, args, kwargs))
+                    seq = rec.seq
+                    rec.seq += 1
+                    rec.calls += 1
+                    rec.forward_calls += 1
+                    capturing = _capturing()
+                    record["args"]["capturing"] = capturing
+                    rec.emit(LaunchEvent, **record)
+            except Exception as e:  # recording must never break the job's own call
+                _warn_once(f"vdiag instrumentation: the {name} call was not recorded ({type(e).__name__}: {e})")
+                return orig(*args, **kwargs)
             try:
                 out = orig(*args, **kwargs)
             except BaseException as e:
@@ -618,7 +632,6 @@ def installed() -> dict[str, bool]:
 # build never ends) writes nothing else; this wrapper records the entry and the return, with the module
 # name and the lock path, in `vllm/jit-rank<N>.jsonl`, so the report can say where the rank is.
 
-JIT_FILE = "jit-rank{rank}.jsonl"
 
 
 def _jit_record(rec: Recorder, **fields: Any) -> None:
@@ -671,34 +684,6 @@ def install_flashinfer_jit() -> list[str]:
         if isinstance(cls, type) and _wrap_method(cls, "build_and_load", _jit_build_and_load):
             done.append(f"flashinfer.jit.core.{cls_name}.build_and_load")
     return done
-
-
-def read_jit_records(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
-    """Every rank's JIT records (vllm/jit-rank<N>.jsonl), oldest first."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    for f in sorted((run_dir / "vllm").glob("jit-rank*.jsonl")):
-        m = re.fullmatch(r"jit-rank(\d+)\.jsonl", f.name)
-        if not m:
-            continue
-        recs = []
-        with contextlib.suppress(OSError):
-            for line in f.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    recs.append(json.loads(line))
-        out[int(m.group(1))] = recs
-    return out
-
-
-def unfinished_jit(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The builds a rank entered and never left (no `return` or `error` for the same module after it)."""
-    open_: dict[str, dict[str, Any]] = {}
-    for r in recs:
-        mod = str(r.get("module"))
-        if r.get("ev") == "enter":
-            open_[mod] = r
-        elif r.get("ev") in ("return", "error"):
-            open_.pop(mod, None)
-    return list(open_.values())
 
 
 # ---- vLLM's start-up progress -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from repro.engines.vllm.args import (
     write_model_dir,
 )
 from repro.errors import EnvironmentProblem
-from repro.events import LaunchLogWriter
+from repro.events import LaunchLogWriter, read_jit_records, unfinished_jit
 from repro.layout import place
 from repro.records import DoneEvent, ErrorEvent, HelloEvent, PhaseEvent
 from repro.scenario import Scenario
@@ -132,8 +132,8 @@ def jit_notes(run_dir: Path) -> list[str]:
     end = None
     with contextlib.suppress(OSError, ValueError):
         end = json.loads((run_dir / "watchdog.json").read_text()).get("verdict_t")
-    for rank, recs in sorted(instrument.read_jit_records(run_dir).items()):
-        for r in instrument.unfinished_jit(recs):
+    for rank, recs in sorted(read_jit_records(run_dir).items()):
+        for r in unfinished_jit(recs):
             since = f", {float(end) - float(r['t']):.0f} s before the verdict" if isinstance(end, (int, float)) else ""
             notes.append(
                 f"rank {rank}: entered FlashInfer's JIT build of module '{r.get('module')}' (phase "

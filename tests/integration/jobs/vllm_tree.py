@@ -1,5 +1,6 @@
 """A process tree shaped like `vllm serve -tp 2 -pp 2`: the API server starts the engine core, which starts
-four workers. Each child is started with vLLM's process title as its argv[0] and its kernel name set with
+four workers (`offline`: `python job.py` with LLM(...) at TP=1, whose front end starts one engine core that
+runs the model itself, next to multiprocessing's resource tracker). Each child is started with vLLM's process title as its argv[0] and its kernel name set with
 prctl(PR_SET_NAME), as setproctitle does. The workers carry no RANK (vLLM's multiprocessing executor does
 not set one); a ready file is written once the whole tree is up, then everything waits on a pipe."""
 
@@ -24,7 +25,18 @@ def child(title: str, *args: str) -> subprocess.Popen[bytes]:
 def main() -> None:
     role = sys.argv[1] if len(sys.argv) > 1 else "api"
     ready = sys.argv[2] if len(sys.argv) > 2 else ""
-    if role == "api":
+    if role == "offline":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # the real helper process, as vLLM's multiprocessing start-up has
+        engine = child("VLLM::EngineCore", "worker", ready)
+        deadline = time.time() + 30
+        while time.time() < deadline and ready and not os.listdir(os.path.dirname(ready)):
+            time.sleep(0.05)
+        if ready:
+            open(ready, "w").close()
+        engine.wait()
+    elif role == "api":
         set_comm("VLLM::APIServer")
         engine = child("VLLM::EngineCore", "engine", ready)
         engine.wait()
