@@ -4,7 +4,8 @@
 # machine's image lacks, as three carry folders that each fit one call (64 MiB):
 #   .vla  vLLM's _C extension                                   -> unpacked into /root/vl
 #   .vlc  FlashAttention-3's extension + FlashInfer's Python code -> /root/vl, /root/vsite
-#   .vlb  the rest of vLLM's Python code and the wheels the image lacks (py-spy among them)
+#   .vlb  the rest of vLLM's Python code and the wheels the image lacks (py-spy and setproctitle among
+#         them; .vlb/deps-serve: the five more that `vllm serve`'s API server imports)
 # Then three calls back to back: gpu/vllm-unpack.sh a, gpu/vllm-unpack.sh c, gpu/vllm-validate.sh.
 # Run from the checkout's root; it adds the three folders to .git/info/exclude and writes
 # .vlb/stripped.txt (every file left out, with its size). VLLM_WHEEL_CACHE=DIR reuses downloaded wheels.
