@@ -4,7 +4,8 @@
 # Steps (VALIDATE_STEPS, comma-separated; default below): probe, build (or buildbg ... waitbuild to
 # overlap it with nccl), nccl, smoke, scenarios, ptrace, cupti, pytest, sim, run, fixtures, watch (not in
 # the default set: `vdiag watch` and `vdiag attach` over gpu/jobs/fi_token_divergence.py, a plain torchrun
-# job whose fused kernel spins; reports in $OUT/watch.tgz), and fidelity
+# job whose fused kernel spins; VALIDATE_WATCH_CASES picks from "clean spin attach coredump", default the
+# first three; reports in $OUT/watch.tgz), and fidelity
 # (not in the default set: VALIDATE_FIDELITY_RUNS, VALIDATE_FIDELITY_ONLY=stem,stem, VALIDATE_FIDELITY_BUDGET_S). Results go to
 # $OUT (default gpu/results): results.jsonl, table.md (the docs' table), the run folders (runs.tgz, without
 # the core dumps), the raw cuda-gdb outputs, and FlashInfer's built trtllm_comm.so.
@@ -111,29 +112,41 @@ if has watch; then  # issue 17's GPU row: jobs vdiag did not launch (docs/watch.
   J=(torchrun --standalone --nproc-per-node 2 gpu/jobs/fi_token_divergence.py)
   W=$WORK/watch; mkdir -p "$W"
   VD="python3 -m repro.cli"
+  WCASES=" ${VALIDATE_WATCH_CASES:-clean spin attach} "  # also: coredump
   left() { ps -eo pid,stat,etime,cmd | grep -E "fi_token_divergence|torchrun|repro.cli" | grep -v grep || echo "none"; }
-  say "watch 1/3: the same job with agreeing token counts, under vdiag watch (expect exit 0)"
-  t0=$(date +%s); FI_DIVERGE=0 timeout -s INT 240 $VD watch --stall-s 15 --reports "$W/clean" -- "${J[@]}"
-  say "watch-clean: exit $? after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"
-  say "watch 2/3: rank 0 passes 17 tokens, rank 1 16 (expect exit 1, the job ended by --on-hang kill)"
-  t0=$(date +%s); timeout -s INT 300 $VD watch --stall-s 15 --on-hang kill --reports "$W/spin" -- "${J[@]}"
-  rc=$?
-  say "watch-spin: exit $rc after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"
-  if [[ $rc != 1 ]]; then
-    say "watch 2b: the same without vdiag's instrumentation (--no-instrument)"
-    t0=$(date +%s); timeout -s INT 300 $VD watch --no-instrument --stall-s 15 --on-hang kill --reports "$W/spin-noinst" -- "${J[@]}"
-    say "watch-spin-noinst: exit $? after $(( $(date +%s) - t0 )) s"
+  if [[ $WCASES == *" clean "* ]]; then
+    say "watch clean: the same job with agreeing token counts, under vdiag watch (expect exit 0)"
+    t0=$(date +%s); FI_DIVERGE=0 timeout -s INT 240 $VD watch --stall-s 15 --reports "$W/clean" -- "${J[@]}"
+    say "watch-clean: exit $? after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"
   fi
-  say "watch 3/3: the same hung job started by plain torchrun, then vdiag attach --tree (expect exit 1, job alive)"
-  setsid "${J[@]}" > "$W/attach-job.log" 2>&1 &
-  JPID=$!
-  for _ in $(seq 1 120); do [[ $(grep -c "fused call 2/3" "$W/attach-job.log") -ge 2 ]] && break; sleep 0.5; done
-  sleep 8
-  t0=$(date +%s); $VD attach --tree "$JPID" --reports "$W/attach"
-  rc=$?
-  if kill -0 "$JPID" 2>/dev/null; then alive=yes; else alive=no; fi
-  say "attach: exit $rc after $(( $(date +%s) - t0 )) s; job still alive after attach: $alive"
-  kill -TERM -- -"$JPID" 2>/dev/null; sleep 3; kill -KILL -- -"$JPID" 2>/dev/null; wait "$JPID" 2>/dev/null
+  if [[ $WCASES == *" spin "* ]]; then
+    say "watch spin: rank 0 passes 17 tokens, rank 1 16 (expect exit 1, the job ended by --on-hang kill)"
+    t0=$(date +%s); timeout -s INT 300 $VD watch --stall-s 15 --on-hang kill --reports "$W/spin" -- "${J[@]}"
+    rc=$?
+    say "watch-spin: exit $rc after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"
+    if [[ $rc != 1 ]]; then
+      say "watch spin 2b: the same without vdiag's instrumentation (--no-instrument)"
+      t0=$(date +%s); timeout -s INT 300 $VD watch --no-instrument --stall-s 15 --on-hang kill --reports "$W/spin-noinst" -- "${J[@]}"
+      say "watch-spin-noinst: exit $? after $(( $(date +%s) - t0 )) s"
+    fi
+  fi
+  if [[ $WCASES == *" coredump "* ]]; then
+    say "watch coredump: the spinning job, GPU state from CUDA core dumps asked for at start (--core-dump; it ends the dumped rank)"
+    t0=$(date +%s); timeout -s INT 300 $VD watch --core-dump --gpu-state none --stall-s 15 --on-hang kill --reports "$W/coredump" -- "${J[@]}"
+    say "watch-coredump: exit $? after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"
+  fi
+  if [[ $WCASES == *" attach "* ]]; then
+    say "attach: the same hung job started by plain torchrun, then vdiag attach --tree (expect exit 1, job alive)"
+    setsid "${J[@]}" > "$W/attach-job.log" 2>&1 &
+    JPID=$!
+    for _ in $(seq 1 120); do [[ $(grep -c "fused call 2/3" "$W/attach-job.log") -ge 2 ]] && break; sleep 0.5; done
+    sleep 8
+    t0=$(date +%s); $VD attach --tree "$JPID" --reports "$W/attach"
+    rc=$?
+    if kill -0 "$JPID" 2>/dev/null; then alive=yes; else alive=no; fi
+    say "attach: exit $rc after $(( $(date +%s) - t0 )) s; job still alive after attach: $alive"
+    kill -TERM -- -"$JPID" 2>/dev/null; sleep 3; kill -KILL -- -"$JPID" 2>/dev/null; wait "$JPID" 2>/dev/null
+  fi
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv
   tar -C "$WORK" --exclude='core.*' --exclude='pipe.*' -czf "$OUT/watch.tgz" watch
 fi

@@ -153,12 +153,14 @@ if has serve; then
     say "serve: vllm serve cannot start here (missing modules, see serve-import.log)"; tail -3 "$WORK/serve-import.log"
   else
     PORT=${VLLM_SERVE_PORT:-8011}
-    say "serve: vdiag watch over vllm serve (eager) on port $PORT"
+    SERVE_EAGER=--enforce-eager  # VLLM_SERVE_EAGER=0: vLLM's default start-up (torch.compile, CUDA graphs)
+    [[ ${VLLM_SERVE_EAGER:-1} == 0 ]] && SERVE_EAGER=""
+    say "serve: vdiag watch over vllm serve (${SERVE_EAGER:-compiled}) on port $PORT"
     t0=$(date +%s)
     set -m  # its own process group, SIGINT not ignored (a script's background jobs ignore it otherwise)
-    $VDIAG watch --stall-s 15 --patience-s 15 --reports "$WORK/watch/serve" -- \
+    $VDIAG watch ${VLLM_SERVE_WATCH_OPTS:---stall-s 15 --patience-s 15} --reports "$WORK/watch/serve" -- \
       python3 -m vllm.entrypoints.cli.main serve "$MODEL" --tokenizer "$MODEL" --skip-tokenizer-init \
-      --load-format dummy --dtype bfloat16 --max-model-len 512 --max-num-seqs 8 --enforce-eager \
+      --load-format dummy --dtype bfloat16 --max-model-len 512 --max-num-seqs 8 $SERVE_EAGER \
       --gpu-memory-utilization 0.5 --hf-overrides '{"num_hidden_layers": 2}' --port "$PORT" \
       > "$WORK/serve-watch.log" 2>&1 &
     WPID=$!
@@ -182,8 +184,9 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="
 out = json.load(urllib.request.urlopen(req, timeout=60))
 print("serve: completion", json.dumps(out.get("choices", [{}])[0])[:300], flush=True)
 PY
-    say "serve: the server is idle now; waiting 45 s (stall 15 s + patience 15 s would have passed)"
-    sleep 45
+    IDLE=${VLLM_SERVE_IDLE_S:-45}
+    say "serve: the server is idle now; waiting $IDLE s (with the default options stall 15 s + patience 15 s pass)"
+    sleep "$IDLE"
     ls "$WORK/watch/serve"/*/report.md 2>/dev/null && say "serve: a report exists before Ctrl-C (it should not)"
     kill -INT "$WPID"; wait "$WPID"; rc=$?
     say "serve: vdiag exit $rc after $(( $(date +%s) - t0 )) s; left running: $(left | tr '\n' ' ')"

@@ -110,7 +110,7 @@ def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, St
         if job.ended_by_user:
             return Verdict(cls=wd.cls, headline=f"{wd.cls}: the job's start-up finished and no hang was seen; "
                                                 "vdiag ended the job on Ctrl-C",
-                           paragraph=f"No stall was seen before the job said it was ready.{ready}{slow} The job "
+                           paragraph=f"No hang was seen before the job said it was ready.{ready}{slow} The job "
                                      "was then ended because vdiag was interrupted (Ctrl-C).")
         return Verdict(cls=wd.cls, headline=f"{wd.cls}: the command finished (exit status 0) and no hang was seen",
                        paragraph=f"The command ran to its end with exit status 0.{ready}{slow}")

@@ -237,8 +237,10 @@ class Monitor:
                 waiting_out = now - suspected
                 if probe.outside and waiting_out < cfg.patience_s:
                     if not told:
-                        where = "; ".join(f"rank {r}: {_innermost(probe.stacks.get(r))}" for r in probe.outside)
-                        self.say(f"vdiag: no progress for {idle_for:.0f} s, but {rank_label(probe.outside, run=LIST)} "
+                        who = "process" if numbered else "rank"
+                        where = "; ".join(f"{who} {r}: {_innermost(probe.stacks.get(r))}" for r in probe.outside)
+                        self.say(f"vdiag: no progress for {idle_for:.0f} s, but "
+                                 f"{rank_label(probe.outside, run=LIST, word=who)} "
                                  f"{'is' if len(probe.outside) == 1 else 'are'} outside every known wait "
                                  f"({where}): still working on the host, so vdiag keeps watching "
                                  f"(up to {cfg.patience_s:g} s, --patience-s)")
@@ -248,7 +250,7 @@ class Monitor:
                 busy, idle, _ = classify(subjects, since, cfg.busy_cpu_pct)
                 note = ""
                 if probe.outside:
-                    note = (f"{rank_label(probe.outside, run=LIST)} stayed outside every known wait for {waiting_out:.0f} s "
+                    note = (f"{rank_label(probe.outside, run=LIST, word='process' if numbered else 'rank')} stayed outside every known wait for {waiting_out:.0f} s "
                             f"(patience {cfg.patience_s:g} s): stragglers, not shown to be deadlocked")
                 v = self._verdict(hang_class(busy, idle), subjects, since, note=note)
                 return MonitorResult(False, None, v, probe, subjects, numbered, since)
@@ -260,7 +262,8 @@ class Monitor:
         self.tree.refresh()
         subjects, numbered = self.tree.subjects()
         now = time.monotonic()
-        v = self._verdict("clean", subjects, now - 5, note="start-up finished; the job was then ended by Ctrl-C")
+        v = self._verdict("slow" if self.slow_resumed else "clean", subjects, now - 5,
+                          note="start-up finished; the job was then ended by Ctrl-C")
         return MonitorResult(True, None, v, Probe(), subjects, numbered, now - 5)
 
     def interrupted(self) -> MonitorResult:
@@ -287,7 +290,7 @@ class Monitor:
             cls = hang_class(busy, idle) if live else "clean"
             note = f"attached to a running job; activity sampled for {seconds:g} s"
             if probe.outside:
-                note += (f"; {rank_label(probe.outside, run=LIST)} {'is' if len(probe.outside) == 1 else 'are'} outside every "
+                note += (f"; {rank_label(probe.outside, run=LIST, word='process' if numbered else 'rank')} {'is' if len(probe.outside) == 1 else 'are'} outside every "
                          "known wait (busy on the host, perhaps a straggler rather than a deadlock)")
             v = self._verdict(cls, subjects, start, note=note)
             v = v.model_copy(update={"stall_s": round(seconds, 3)})

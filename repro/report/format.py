@@ -52,7 +52,7 @@ CALL_FIELDS = ("phase", "size", "layer", "sub", "call", "token_num", "op", "ones
 
 def call_fields(ev: LaunchEvent, **more: Any) -> CallRef:
     """The fields that name a launch (a finding's `call`), and any `more` (a wrong result's error)."""
-    return CallRef(**{k: getattr(ev, k) for k in CALL_FIELDS}, **more)
+    return CallRef(**{k: getattr(ev, k) for k in CALL_FIELDS if getattr(ev, k) is not None}, **more)
 
 
 def call_ref_text(ev: LaunchEvent | CallRef | None) -> str:
@@ -88,7 +88,8 @@ def call_text(ref: CallRef) -> str:
     call = ref.fields()
     if not call:
         return ""
-    head = [str(call["phase"])] if "phase" in call else []
+    # a plain FlashInfer job's call has no layer and only the instrumentation's default phase: leave it out
+    head = [str(call["phase"])] if "phase" in call and ("layer" in call or call["phase"] != "starting") else []
     for key in ("size", "layer", "sub"):
         if key in call:
             head.append(f"{key}={value_text(call[key])}")

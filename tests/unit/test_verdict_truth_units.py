@@ -161,3 +161,15 @@ def test_a_barrier_is_named_as_the_replays_end_of_start_up_barrier_only_when_the
                  ("wrapper", "/t/torch/distributed/c10d_logger.py", 81), ("main", "/job/fi_token_divergence.py", 63))
     assert where_waiting(replay) == "the end-of-start-up barrier, waiting for the other ranks"
     assert where_waiting(job) == "a torch.distributed barrier (job/fi_token_divergence.py:63), waiting for the other ranks"
+
+
+def test_a_fused_call_of_a_job_that_is_not_vllm_is_named_without_an_inferred_layer() -> None:
+    from repro.records import LaunchEvent
+    from repro.report.format import call_fields, call_ref_text, call_text
+
+    ev = LaunchEvent(rank=0, t=0.0, seq=2, call=2, phase="starting", size=17, op="fused", token_num=17, hidden=4096,
+                     dtype="bf16", oneshot=True)
+    assert call_ref_text(ev) == "call 2 (17 tokens)"
+    assert call_text(call_fields(ev)) == "size=17 call=2 token_num=17 op=fused oneshot=True"
+    vllm = ev.model_copy(update={"phase": "capture", "layer": 1, "sub": 0})
+    assert call_ref_text(vllm) == "capture size=17 layer=1 sub=0 (call 2)"
