@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         merge: bool = typer.Option(False, "--merge", help="combine the run folders of a multi-node run's nodes "
                                    "into one report (a new <time>-<scenario>-merged folder beside the first)"),
         again: bool = typer.Option(False, "--reanalyse", help="run the analysis again on the folder's stored records "
-                                   "(launch logs, verdict, stacks, GPU state, locks) instead of re-rendering report.json"),
+                                   "(launch logs, verdict, stacks, GPU state, locks; also of watch/attach folders) instead of "
+                                   "re-rendering report.json"),
     ) -> None:
         """Render a run's report.md, report.json and activity picture again from its records.
 

@@ -136,6 +136,23 @@ def test_watch_keeps_the_job_running_and_ctrl_c_ends_it_leaving_nothing(gloo: Sh
     assert not [ln for ln in gloo.watch_stderr.splitlines() if ln.strip().startswith("File ") and "/repro/" in ln]
 
 
+def test_a_watch_folder_is_analysed_again_from_its_records(gloo: Shared, tmp_path: Path) -> None:
+    """`vdiag report --reanalyse` on a watch folder: today's analysis over the stored evidence, the same
+    verdict, nothing added twice; the original folder is left as it was (a copy is re-analysed)."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(gloo.watch_report["run_dir"], run_dir)
+    r = subprocess.run([*vdiag_bin(), "report", "--reanalyse", str(run_dir)], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=env())
+    assert r.returncode == 0, r.stderr  # the report was written; the job's own outcome is in it
+    again = json.loads((run_dir / "report.json").read_text())
+    assert again["exit_code"] == gloo.watch_report["exit_code"] == 1
+    assert again["analysis"]["verdict"]["headline"] == gloo.watch_report["analysis"]["verdict"]["headline"]
+    assert again["notes"] == gloo.watch_report["notes"]
+    assert [f["text"] for f in again["observed"]["facts"]] == [f["text"] for f in gloo.watch_report["observed"]["facts"]]
+
+
 def test_attach_on_the_same_hung_job_gives_the_same_verdict_and_leaves_it_alive(gloo: Shared) -> None:
     a = gloo.attach
     assert a.rc == 1, a.stderr
