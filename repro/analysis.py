@@ -171,30 +171,28 @@ def workspace_aliasing(logs: dict[int, RankLog], tp: int, pp: int) -> list[Alias
 # ---- stacks -----------------------------------------------------------------------------------------
 
 
-def _main_frames(s: StackSample) -> list[str]:
+def main_thread_frames(s: StackSample) -> list[Frame]:
+    """The frames of the stack's main thread (its first thread where none is named so), innermost first."""
     th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
     if th is None and s.threads:
         th = s.threads[0]
-    if th is None:
-        return []
-    return [f"{f.function} ({f.file}:{f.line})" if f.file and f.line else f.function for f in th.frames]
+    return list(th.frames) if th else []
+
+
+def _main_frames(s: StackSample) -> list[str]:
+    return [f"{f.function} ({f.file}:{f.line})" if f.file and f.line else f.function for f in main_thread_frames(s)]
 
 
 def _python_functions(s: StackSample) -> list[str]:
-    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and s.threads:
-        th = s.threads[0]
-    return [f.function for f in th.frames] if th else []
+    return [f.function for f in main_thread_frames(s)]
 
 
 def _signature(s: StackSample) -> str:
     """Python frames of the main thread, innermost first, by function name: same wait, same signature."""
-    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and s.threads:
-        th = s.threads[0]
-    if th is None:
+    if not s.threads:
         return "(no frames)"
-    py = [f.function for f in th.frames if not f.native and f.file.endswith(".py") and not f.function.startswith("0x")]
+    py = [f.function for f in main_thread_frames(s)
+          if not f.native and f.file.endswith(".py") and not f.function.startswith("0x")]
     return " <- ".join(py[:8]) or "(no Python frames)"
 
 
@@ -236,10 +234,7 @@ def gpu_waiting(g: GpuState | None) -> str:
 
 
 def _library_site(stack: StackSample) -> tuple[WaitSite, str] | None:
-    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and stack.threads:
-        th = stack.threads[0]
-    frames = [f for f in (th.frames if th else []) if not f.native]
+    frames = [f for f in main_thread_frames(stack) if not f.native]
     for i, f in enumerate(frames):
         for module, site in LIBRARY_SITES.items():
             if module in f.file.replace("\\", "/"):
@@ -250,10 +245,7 @@ def _library_site(stack: StackSample) -> tuple[WaitSite, str] | None:
 
 def _device_sync(stack: StackSample) -> str:
     """The frames that show the main thread blocked on its GPU ("" when it is not)."""
-    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and stack.threads:
-        th = stack.threads[0]
-    for f in th.frames if th else []:
+    for f in main_thread_frames(stack):
         short = f.function.rsplit(".", 1)[-1].split("(")[0]
         path = f.file.replace("\\", "/")
         if f.native and CUDA_BLOCKING.search(short):
@@ -289,10 +281,7 @@ def stack_wait(stack: StackSample | None) -> tuple[WaitSite, str] | None:
 
 def _barrier_caller(stack: StackSample) -> str:
     """Whose barrier a rank waits in: the replay's own end-of-start-up barrier, or the job's (its call site)."""
-    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and stack.threads:
-        th = stack.threads[0]
-    frames = [f for f in (th.frames if th else []) if not f.native and f.file]
+    frames = [f for f in main_thread_frames(stack) if not f.native and f.file]
     for i, f in enumerate(frames):
         if "barrier" in f.function.rsplit(".", 1)[-1]:
             for g in frames[i + 1:]:
@@ -361,10 +350,7 @@ def known_wait(stack: StackSample | None) -> str:
     site = where_waiting(stack)
     if site:
         return site
-    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and stack.threads:
-        th = stack.threads[0]
-    for f in (th.frames if th else [])[:2]:
+    for f in main_thread_frames(stack)[:2]:
         short = f.function.rsplit(".", 1)[-1]
         if short in GENERIC_WAITS:
             return f"{short} ({_short_file(f.file)}:{f.line})" if f.file else short
@@ -378,10 +364,7 @@ def _short_file(path: str) -> str:
 
 def host_frames(stack: StackSample, n: int = 3) -> str:
     """The innermost Python frames of the main thread, `func (dir/file.py:line) <- caller <- ...`."""
-    th = next((t for t in stack.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and stack.threads:
-        th = stack.threads[0]
-    py = [f for f in (th.frames if th else []) if not f.native]
+    py = [f for f in main_thread_frames(stack) if not f.native]
     if not py:
         return "(no Python frames)"
     def name(f: Frame) -> str:
@@ -650,11 +633,10 @@ def rank_wheres(
         if r in wd.busy_ranks:
             name, geo, src = rank_kernel(ev, gpu.get(r), tp, pattern, fp32_acc)
             site = where_waiting(stacks.get(r))
-            on_gpu = gpu_waiting(gpu.get(r))
-            if stack_wait_site(stacks.get(r)) == WaitSite.DEVICE_SYNC:  # the host waits for a kernel
-                site, host = on_gpu, site
+            if stack_wait_site(stacks.get(r)) == WaitSite.DEVICE_SYNC:  # the host waits for its kernel
+                site, host = gpu_waiting(gpu.get(r)), site
             else:
-                site = site or on_gpu
+                site = site or gpu_waiting(gpu.get(r))
         else:
             name = geo = src = ""
             site = (f"on the host, outside every known wait: {strag[r].where}" if r in strag

@@ -76,7 +76,6 @@ class JobContext:
 
     job: ObservedJob
     ranks: dict[int, int]  # rank (or vdiag's process number) -> pid
-    numbered: bool  # the keys are vdiag's numbers in pid order, not ranks the processes showed
     started: dt.datetime
     duration_s: float
     exit_code: int
@@ -104,7 +103,7 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
         p = by_pid.get(pid)
         if p is None:
             continue
-        if ctx.numbered:
+        if ctx.job.numbered:
             out.append(Fact(text=f"process {r} is pid {pid} ({p.cmdline[:80]}); its rank is unknown (no RANK in its "
                                  "environment, no vLLM title), so vdiag numbered it in pid order",
                             how="inferred", source="process tree (psutil)"))
@@ -113,7 +112,7 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
                             how="inferred" if "inferred" in p.identity.sources.get("rank", "") else "observed",
                             source=p.identity.sources.get("rank", "")))
         if p.cpu_pct is not None and p.state in ("busy", "idle"):
-            out.append(Fact(text=f"{'process' if ctx.numbered else 'rank'} {r} used {p.cpu_pct:.0f} % of a core "
+            out.append(Fact(text=f"{'process' if ctx.job.numbered else 'rank'} {r} used {p.cpu_pct:.0f} % of a core "
                                  f"({p.state})", how="observed", source=f"/proc/{pid}/stat (psutil)"))
         if p.identity.nvml_gpus:
             out.append(Fact(text=f"pid {pid} holds memory on GPU {','.join(map(str, p.identity.nvml_gpus))}",
@@ -121,7 +120,7 @@ def _facts(job: ObservedJob, ctx: JobContext, ev: Evidence, stacks: dict[int, St
         s = stacks.get(r)
         w = wait_text(s)
         if s is not None and w:
-            out.append(Fact(text=f"{'process' if ctx.numbered else 'rank'} {r}'s stack is in {w}", how="observed",
+            out.append(Fact(text=f"{'process' if ctx.job.numbered else 'rank'} {r}'s stack is in {w}", how="observed",
                             source=s.source))
     for m in job.progress[-3:]:
         out.append(Fact(text=f"progress bar {m.label!r} at {m.n}/{m.total} ({m.updates} updates)", how="observed",
@@ -217,7 +216,7 @@ def _diagnose_job(run_dir: RunDir, ev: Evidence, ctx: JobContext) -> Report:
     locks = ev.locks if ev.locks is not None else load_locks(run_dir.root)
     analysis = analyze(logs, ev.watchdog, ev.stacks, ev.gpu, tp=tp, pp=pp, fused=fused, locks=locks)
     if not any(lg.launches for lg in logs.values()):
-        verdict = observed_verdict(ev.watchdog, job, stacks_by_rank, analysis.hypotheses, ctx.numbered,
+        verdict = observed_verdict(ev.watchdog, job, stacks_by_rank, analysis.hypotheses,
                                    gpu={g.rank: g for g in ev.gpu}, ranks=analysis.verdict.ranks, locks=locks)
         analysis = analysis.model_copy(update={"verdict": verdict})
     job = job.model_copy(update={"facts": _facts(job, ctx, ev, stacks_by_rank, logs)})
@@ -365,8 +364,10 @@ def reanalyse(run_dir: RunDir) -> Report:
     if old.observed is not None:  # watch / attach: the job as it was seen, analysed again
         ranks = {r.rank: r.pid for r in old.ranks if r.pid is not None}
         by_pid = {p.pid: p.identity for p in old.observed.processes}
-        numbered = any(by_pid.get(pid) is None or by_pid[pid].rank != r for r, pid in ranks.items())
-        job_ctx = JobContext(job=old.observed.model_copy(update={"facts": []}), ranks=ranks, numbered=numbered,
+        # reports written before ObservedJob.numbered existed: vdiag numbered them where a pid's rank differs
+        numbered = old.observed.numbered or any(by_pid.get(pid) is None or by_pid[pid].rank != r
+                                                for r, pid in ranks.items())
+        job_ctx = JobContext(job=old.observed.model_copy(update={"facts": [], "numbered": numbered}), ranks=ranks,
                              started=dt.datetime.fromisoformat(old.started), duration_s=old.duration_s,
                              exit_code=old.exit_code if old.exit_code is not None else 0)
         ev = Evidence(watchdog=old.watchdog, stacks=list(old.stacks), gpu=list(old.gpu),

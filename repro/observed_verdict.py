@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from repro.analysis import gpu_waiting, where_waiting
+from repro.analysis import gpu_waiting, main_thread_frames, where_waiting
 from repro.records import (
     FileLockHold,
     GpuState,
@@ -31,12 +31,7 @@ COLLECTIVES = (
 
 
 def _main_python(s: StackSample) -> list[tuple[str, str]]:
-    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), None)
-    if th is None and s.threads:
-        th = s.threads[0]
-    if th is None:
-        return []
-    return [(f.function, f"{f.file.rsplit('/', 1)[-1]}:{f.line}" if f.line else f.file) for f in th.frames
+    return [(f.function, f"{f.file.rsplit('/', 1)[-1]}:{f.line}" if f.line else f.file) for f in main_thread_frames(s)
             if not f.native]
 
 
@@ -89,10 +84,10 @@ def _gpu_clause(g: GpuState | None) -> str:
 
 
 def observed_verdict(wd: WatchdogVerdict, job: ObservedJob, stacks: dict[int, StackSample],
-                     hyps: list[Hypothesis], numbered: bool, gpu: dict[int, GpuState] | None = None,
+                     hyps: list[Hypothesis], gpu: dict[int, GpuState] | None = None,
                      ranks: list[RankWhere] | None = None, locks: list[FileLockHold] | None = None) -> Verdict:
     top = hyps[0] if hyps and hyps[0].score > 0 else None
-    who = "process" if numbered else "rank"
+    who = "process" if job.numbered else "rank"
     if wd.cls == "crash":
         status = job.signal or f"exit status {job.returncode}"
         last = job.output_tail[-1] if job.output_tail else ""

@@ -25,6 +25,7 @@ from repro.events import LogTail
 from repro.observe.job import Job
 from repro.observe.progress import READY_PATTERNS, ProgressScanner
 from repro.observe.tree import ProcessTree, Tracked
+from repro.observed_verdict import innermost
 from repro.records import ActivitySample, StackSample, WatchdogVerdict
 from repro.report.format import LIST, rank_label
 from repro.rundir import RunDir
@@ -201,6 +202,7 @@ class Monitor:
                 now = time.monotonic()
                 rc = self.job.returncode()
                 subjects, numbered = self.tree.subjects()
+                who = "process" if numbered else "rank"  # vdiag's own numbers are never passed off as ranks
                 if rc is not None:
                     self.tree.refresh()
                     cls = "clean" if rc == 0 and not self.slow_resumed else ("slow" if rc == 0 else "crash")
@@ -237,7 +239,6 @@ class Monitor:
                 waiting_out = now - suspected
                 if probe.outside and waiting_out < cfg.patience_s:
                     if not told:
-                        who = "process" if numbered else "rank"
                         where = "; ".join(f"{who} {r}: {_innermost(probe.stacks.get(r))}" for r in probe.outside)
                         self.say(f"vdiag: no progress for {idle_for:.0f} s, but "
                                  f"{rank_label(probe.outside, run=LIST, word=who)} "
@@ -250,7 +251,7 @@ class Monitor:
                 busy, idle, _ = classify(subjects, since, cfg.busy_cpu_pct)
                 note = ""
                 if probe.outside:
-                    note = (f"{rank_label(probe.outside, run=LIST, word='process' if numbered else 'rank')} stayed outside every known wait for {waiting_out:.0f} s "
+                    note = (f"{rank_label(probe.outside, run=LIST, word=who)} stayed outside every known wait for {waiting_out:.0f} s "
                             f"(patience {cfg.patience_s:g} s): stragglers, not shown to be deadlocked")
                 v = self._verdict(hang_class(busy, idle), subjects, since, note=note)
                 return MonitorResult(False, None, v, probe, subjects, numbered, since)
@@ -302,8 +303,4 @@ class Monitor:
 def _innermost(s: StackSample | None) -> str:
     if s is None or not s.threads:
         return "no stack"
-    th = next((t for t in s.threads if "MainThread" in t.name or "MainThread" in t.thread), s.threads[0])
-    for f in th.frames:
-        if not f.native:
-            return f"{f.function} ({f.file.rsplit('/', 1)[-1]}:{f.line})" if f.line else f.function
-    return "no Python frame"
+    return innermost(s) or "no Python frame"

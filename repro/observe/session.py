@@ -99,7 +99,7 @@ def _report(run_dir: RunDir, mode: str, command: str, roots: list[int], tree: Pr
         job = job.model_copy(update={"ended_by_user": True})
     if job.output_tail and wd.cls == "crash":
         notes = [*notes, "last lines of the command's output:", *[f"    {ln}" for ln in job.output_tail[-10:]]]
-    ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()}, numbered=res.numbered,
+    ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()},
                      started=started, duration_s=time.monotonic() - t0, exit_code=int(code))
     ev = Evidence(watchdog=wd, stacks=stacks, gpu=gpu, collectors=runs, env=env, notes=notes)
     rep = diagnose(run_dir, ev, ctx)
@@ -118,7 +118,7 @@ def _interrupted_report(run_dir: RunDir, command: str, root: int, tree: ProcessT
     env = collect_env(run_dir, "").model_copy(update={"command_line": command})
     job = _job_record("watch", command, [root], tree, res, opts, scanner, None, t0)
     job = job.model_copy(update={"interrupted": True, "stragglers": []})
-    ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()}, numbered=res.numbered,
+    ctx = JobContext(job=job, ranks={r: t.pid for r, t in res.subjects.items()},
                      started=started, duration_s=time.monotonic() - t0, exit_code=INTERRUPTED)
     ev = Evidence(watchdog=res.verdict, stacks=list(res.probe.stacks.values()), env=env,
                   notes=[*notes, "vdiag was interrupted (Ctrl-C) and ended the job; the stacks are Python-only "

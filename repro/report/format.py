@@ -60,7 +60,7 @@ def call_ref_text(ev: LaunchEvent | CallRef | None) -> str:
     if ev is None:
         return "?"
     d = ev.model_dump() if isinstance(ev, LaunchEvent) else ev.fields()
-    if d.get("layer") is None:  # a plain FlashInfer job: no start-up phase or layer to name
+    if d.get("layer") is None:  # a plain FlashInfer job's call: no vLLM phase or layer to name
         return f"call {d.get('call')} ({d.get('token_num', d.get('size'))} tokens)"
     return f"{d.get('phase')} size={d.get('size')} layer={d.get('layer')} sub={d.get('sub')} (call {d.get('call')})"
 
@@ -88,8 +88,7 @@ def call_text(ref: CallRef) -> str:
     call = ref.fields()
     if not call:
         return ""
-    # a plain FlashInfer job's call has no layer and only the instrumentation's default phase: leave it out
-    head = [str(call["phase"])] if "phase" in call and ("layer" in call or call["phase"] != "starting") else []
+    head = [str(call["phase"])] if "phase" in call and "layer" in call else []  # no layer: no vLLM phase either
     for key in ("size", "layer", "sub"):
         if key in call:
             head.append(f"{key}={value_text(call[key])}")

@@ -3,6 +3,7 @@ with ptrace refused, a vLLM-shaped process tree for the rank inference, and pids
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,13 +80,23 @@ def test_attach_with_ptrace_refused_says_what_it_still_saw_and_how_to_grant_it(
     assert alive(pids) == pids  # attach never kills
 
 
-def test_attach_names_vllm_processes_by_their_titles(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def vllm_tree(tmp_path: Path, shape: str) -> Iterator[subprocess.Popen[bytes]]:
+    """tests/integration/jobs/vllm_tree.py in the given shape ("api": serve -tp 2 -pp 2, "offline": TP=1),
+    running until the test is done; then ended with everything it started."""
     ready = tmp_path / "ready" / "tree"
     ready.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, str(JOBS / "vllm_tree.py"), "api", str(ready)], env=env(),
+    proc = subprocess.Popen([sys.executable, str(JOBS / "vllm_tree.py"), shape, str(ready)], env=env(),
                             start_new_session=True)
     try:
-        wait_for(ready.exists, 60, "the vLLM-shaped tree")
+        wait_for(ready.exists, 60, f"the vLLM-shaped tree ({shape})")
+        yield proc
+    finally:
+        _end(proc)
+
+
+def test_attach_names_vllm_processes_by_their_titles(tmp_path: Path) -> None:
+    with vllm_tree(tmp_path, "api") as proc:
         d = attach(["--tree", str(proc.pid), "--sample-s", "1"], tmp_path / "reports")
         procs = d.report["observed"]["processes"]
         roles = sorted(p["identity"]["role"] for p in procs)
@@ -101,19 +112,12 @@ def test_attach_names_vllm_processes_by_their_titles(tmp_path: Path) -> None:
         assert d.report["tp"] == 2 and d.report["pp"] == 2 and d.report["world_size"] == 4
         assert "inferred: rank 2 is pid" in d.markdown
         assert proc.poll() is None
-    finally:
-        _end(proc)
 
 
 def test_a_tp1_vllm_job_is_diagnosed_through_its_engine_core_not_its_helpers(tmp_path: Path) -> None:
     """`python job.py` with LLM(...) at TP=1: no process has a rank; the engine core (by its title) is the
     one the diagnosis is about, and multiprocessing's resource tracker is a helper, not a rank."""
-    ready = tmp_path / "ready" / "tree"
-    ready.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, str(JOBS / "vllm_tree.py"), "offline", str(ready)], env=env(),
-                            start_new_session=True)
-    try:
-        wait_for(ready.exists, 60, "the TP=1 vLLM-shaped tree")
+    with vllm_tree(tmp_path, "offline") as proc:
         d = attach(["--tree", str(proc.pid), "--sample-s", "1"], tmp_path / "reports")
         procs = d.report["observed"]["processes"]
         roles = {p["pid"]: p["identity"]["role"] for p in procs}
@@ -123,8 +127,6 @@ def test_a_tp1_vllm_job_is_diagnosed_through_its_engine_core_not_its_helpers(tmp
         engine = next(p["pid"] for p in procs if roles[p["pid"]] == "engine-core")
         assert [s["pid"] for s in d.report["stacks"]] == [engine]  # the only process diagnosed
         assert proc.poll() is None
-    finally:
-        _end(proc)
 
 
 def test_attach_to_a_pid_that_does_not_exist_is_a_one_line_error(tmp_path: Path) -> None:

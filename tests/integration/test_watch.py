@@ -7,6 +7,7 @@ the same job gives the same verdict and leaves it alive, then Ctrl-C on watch en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,26 @@ def watch(args: list[str], reports: Path, timeout: float = 180, extra_env: dict[
     return Done(p.returncode, p.stdout, p.stderr, reports)
 
 
+@contextlib.contextmanager
+def watching(args: list[str], reports: Path) -> Iterator[subprocess.Popen[str]]:
+    """`vdiag watch --quiet ARGS` in the background for the test to drive; killed if the test leaves it running."""
+    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(reports), "--quiet", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def ctrl_c(proc: subprocess.Popen[str]) -> str:
+    """Ctrl-C on vdiag, as a terminal sends it; its stderr once it has exited."""
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    return err
+
+
 def job_pids(run_dir: Path) -> list[int]:
     return [int(p["pid"]) for p in json.loads((run_dir / "report.json").read_text())["observed"]["processes"]]
 
@@ -80,10 +101,7 @@ class Shared:
 def gloo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     reports = tmp_path_factory.mktemp("watch-gloo")
     attach_reports = tmp_path_factory.mktemp("attach-gloo")
-    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(reports), "--quiet", "--stall-s", "3", "--",
-                             *torchrun("gloo_skip.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env())
-    try:
+    with watching(["--stall-s", "3", "--", *torchrun("gloo_skip.py")], reports) as proc:
         wait_for(lambda: any(reports.glob("*/report.json")), 120, "watch's report")
         run_dir = next(reports.glob("*/report.json")).parent
         time.sleep(0.5)
@@ -96,14 +114,9 @@ def gloo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env())
         attach = Done(a.returncode, a.stdout, a.stderr, attach_reports)
         still = alive(pids)
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
+        err = ctrl_c(proc)
         wait_for(lambda: not alive(pids), 20, "the job to end after Ctrl-C")
         yield Shared(proc.returncode, rep, md, attach, still, pids, alive(pids), err)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_watch_reports_host_wait_naming_the_rank_that_skipped_the_all_reduce(gloo: Shared) -> None:
@@ -246,19 +259,11 @@ def test_missing_command_is_a_one_line_usage_error(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_before_a_hang_ends_the_job_and_keeps_a_report(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(tmp_path), "--quiet", "--stall-s", "60", "--",
-                             sys.executable, str(JOBS / "slow_bar.py"), "1", "60"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
-    try:
+    with watching(["--stall-s", "60", "--", sys.executable, str(JOBS / "slow_bar.py"), "1", "60"], tmp_path) as proc:
         wait_for(lambda: any(p.stat().st_size > 0 for p in tmp_path.glob("*/logs/output.log")), 60, "the bar")
         job = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert job
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err = ctrl_c(proc)
     assert proc.returncode == 130, err
     assert alive(job) == []
     d = Done(proc.returncode, "", err, tmp_path)
@@ -277,10 +282,8 @@ def test_a_server_that_finished_its_start_up_and_idles_is_not_a_stall(tmp_path: 
 
     port_file = tmp_path / "port"
     reports = tmp_path / "reports"
-    proc = subprocess.Popen([*vdiag_bin(), "watch", "--reports", str(reports), "--quiet", "--stall-s", "1",
-                             "--patience-s", "1", "--", sys.executable, str(JOBS / "ready_server.py"), str(port_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
-    try:
+    with watching(["--stall-s", "1", "--patience-s", "1", "--", sys.executable, str(JOBS / "ready_server.py"),
+                   str(port_file)], reports) as proc:
         wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "the server's port")
         url = f"http://127.0.0.1:{port_file.read_text().strip()}/health"
         time.sleep(8)  # well past stall + confirmation + patience
@@ -288,12 +291,7 @@ def test_a_server_that_finished_its_start_up_and_idles_is_not_a_stall(tmp_path: 
         assert urllib.request.urlopen(url, timeout=10).read() == b"ok\n"  # it serves
         job = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert job and proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err = ctrl_c(proc)
     assert proc.returncode == 0, err
     assert "start-up is over ('INFO:     Application startup complete.')" in err
     assert alive(job) == []

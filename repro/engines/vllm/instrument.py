@@ -331,10 +331,11 @@ def _launch_record(rec: Recorder, name: str, a: dict[str, Any]) -> dict[str, Any
                                                                                 _elem_bytes(dtype), world)
     p = rec.progress
     k = rec.forward_calls
+    in_vllm = p.phase != "starting"  # a process with no vLLM phase (a plain FlashInfer job) has no layers
     record: dict[str, Any] = dict(
         seq=rec.seq, call=rec.calls, phase=p.phase, size=p.size if p.size is not None else token_num,
-        # vLLM makes two fused calls per decoder layer; a process with no vLLM phase has no layers to name
-        layer=k // 2 if p.phase != "starting" else None, sub=k % 2 if p.phase != "starting" else None, op="fused", token_num=token_num, hidden=hidden, dtype=dtype, oneshot=oneshot,
+        layer=k // 2 if in_vllm else None, sub=k % 2 if in_vllm else None,  # vLLM: two fused calls per layer
+        op="fused", token_num=token_num, hidden=hidden, dtype=dtype, oneshot=oneshot,
     )
     args: dict[str, Any] = dict(
         entry=name, fi_backend=fi_backend, world_size=world, pattern=pattern, fp32_acc=fp32_acc,
